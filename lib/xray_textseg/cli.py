@@ -1,0 +1,183 @@
+"""``xray-textseg``: the engine from the shell.
+
+    xray-textseg info
+    xray-textseg predict IMAGE --prompt "left lung" [--prompt heart ...] -o OUT
+    xray-textseg evaluate --data DIR [--mode zero-shot|oracle-box] [--limit N]
+    xray-textseg make-sample-data --out sample_data
+
+Errors in the input (unknown label, unreadable image, bad option) print one line naming the
+problem and exit with status 2; nothing is written in that case.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+EXIT_USAGE = 2
+
+
+def _add_model_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--backbone", default="litemedsam", help="litemedsam (default) | medsam_vit_b | sam_vit_b")
+    p.add_argument("--checkpoint", default=None, help="backbone weights (default: packaged LiteMedSAM)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--labels", default="both", help="chest | lower_limb | both | comma list of labels")
+    p.add_argument("--no-refine", action="store_true", help="one coarse pass only (faster, less accurate)")
+
+
+def _predictor(args):
+    from .predictor import build_predictor
+
+    return build_predictor(backbone=args.backbone, checkpoint=args.checkpoint, device=args.device,
+                           labels=args.labels, refine=not args.no_refine)
+
+
+def cmd_info(args) -> int:
+    import torch
+
+    from .backbones import resolve_device
+    from .text import TextEncoder
+    from .vocabulary import resolve_label_set
+
+    predictor = _predictor(args)
+    info = {
+        "version": __import__("xray_textseg").__version__,
+        "backbone": predictor.backbone.describe(),
+        "device": str(resolve_device(args.device)),
+        "torch": torch.__version__,
+        "cuda_available": torch.cuda.is_available(),
+        "threads": torch.get_num_threads(),
+        "labels": list(resolve_label_set(args.labels)),
+        "mode": predictor.mode,
+    }
+    try:
+        enc = TextEncoder(args.text_encoder)
+        info["text_encoder"] = {"path": enc.path, "dim": enc.dim}
+    except Exception as exc:  # noqa: BLE001 - info reports, it does not fail
+        info["text_encoder"] = {"error": str(exc)}
+    print(json.dumps(info, indent=2))
+    return 0
+
+
+def cmd_predict(args) -> int:
+    from .io import load_radiograph, save_mask
+
+    t0 = time.perf_counter()
+    image = load_radiograph(args.image)
+    predictor = _predictor(args)
+    t_load = time.perf_counter()
+    predictor.set_image(image)
+    boxes = None
+    if args.box:
+        if len(args.prompt) != 1:
+            raise ValueError("--box needs exactly one --prompt naming a single label")
+        from .vocabulary import parse_prompt
+
+        parsed = parse_prompt(args.prompt[0], predictor.labels)
+        if len(parsed) != 1:
+            raise ValueError("--box needs exactly one label in --prompt")
+        boxes = {parsed[0].label: [float(v) for v in args.box]}
+    pred = predictor.predict(args.prompt, boxes=boxes)
+    out = Path(args.output)
+    written = []
+    if out.suffix in (".png", ".nii") or out.name.endswith(".nii.gz"):
+        out.parent.mkdir(parents=True, exist_ok=True)
+        written.append(save_mask(pred.label_map(), out, like=image))
+        sidecar = Path(str(out) + ".json")
+        sidecar.write_text(json.dumps({"label_names": {r.label: i + 1 for i, r in enumerate(pred.results)}}))
+        written.append(sidecar)
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        stem = Path(args.image).name.split(".")[0]
+        for r in pred.results:
+            written.append(save_mask(r.mask.astype("uint8") * 255, out / f"{stem}_{r.label}.png", like=image))
+    t1 = time.perf_counter()
+    for r in pred.results:
+        print(f"{r.label:16s} area={int(r.mask.sum()):8d}px  predicted_iou={r.score:.3f}  "
+              f"box={[round(v) for v in r.box]} ({r.prompt_source})")
+    print(f"mode={pred.mode}  load={1e3 * (t_load - t0):.0f} ms  predict={pred.timings_ms['total']:.0f} ms "
+          f"(coarse {pred.timings_ms['coarse']:.0f}, fine {pred.timings_ms['fine']:.0f})  "
+          f"total={1e3 * (t1 - t0):.0f} ms  cache hits/misses={pred.cache['hits']}/{pred.cache['misses']}")
+    for w in written:
+        print(f"wrote {w}")
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from .evaluation import evaluate_folder, format_table
+
+    predictor = _predictor(args)
+    report = evaluate_folder(predictor, args.data, mode=args.mode, limit=args.limit, progress=True)
+    print(format_table(report))
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2))
+        print(f"wrote {args.json}")
+    return 0
+
+
+def cmd_make_sample_data(args) -> int:
+    from .sample_data import make_sample_data
+
+    summary = make_sample_data(args.out, n_chest=args.n_chest, n_limb=args.n_limb, n_dicom=args.n_dicom,
+                               seed=args.seed)
+    print(json.dumps(summary, indent=2, default=str))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="xray-textseg", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("info", help="backbone, text encoder, device and labels")
+    _add_model_options(p)
+    p.add_argument("--text-encoder", default=None, help="local Hugging Face model folder (default: MiniLM)")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("predict", help="segment IMAGE for one or more text prompts")
+    p.add_argument("image")
+    p.add_argument("--prompt", "-p", action="append", required=True, help='e.g. "left lung" (repeatable)')
+    p.add_argument("--box", nargs=4, type=float, metavar=("X0", "Y0", "X1", "Y1"),
+                   help="optional box in image pixels for a single-label prompt")
+    p.add_argument("--output", "-o", required=True,
+                   help="a .png/.nii/.nii.gz label map (+ .json with label names), or a folder for one PNG per label")
+    _add_model_options(p)
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("evaluate", help="Dice/IoU per label on a folder with images/ and labels/<label>/")
+    p.add_argument("--data", required=True)
+    p.add_argument("--mode", default="zero-shot", choices=["zero-shot", "oracle-box"])
+    p.add_argument("--limit", type=int, default=None, help="first N cases only")
+    p.add_argument("--json", default=None, help="also write the report as JSON here")
+    _add_model_options(p)
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("make-sample-data", help="generate synthetic radiographs with exact masks")
+    p.add_argument("--out", default="sample_data")
+    p.add_argument("--n-chest", type=int, default=12)
+    p.add_argument("--n-limb", type=int, default=12)
+    p.add_argument("--n-dicom", type=int, default=4)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_make_sample_data)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from .backbones import BackboneError
+    from .io import ImageReadError, MaskReadError
+    from .text import TextEncoderError
+    from .vocabulary import UnknownLabelError
+
+    try:
+        return args.func(args)
+    except (UnknownLabelError, ImageReadError, MaskReadError, BackboneError, TextEncoderError,
+            FileNotFoundError, ValueError) as exc:
+        print(f"xray-textseg {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

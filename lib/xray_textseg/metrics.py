@@ -1,0 +1,18 @@
+"""Overlap metrics on boolean masks (numpy; MONAI's metrics are used where batches of tensors exist)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def dice(pred: np.ndarray, truth: np.ndarray) -> float:
+    """Dice = 2|A∩B| / (|A|+|B|); 1.0 when both are empty."""
+    p, t = np.asarray(pred, bool), np.asarray(truth, bool)
+    denom = p.sum() + t.sum()
+    return 1.0 if denom == 0 else float(2.0 * np.logical_and(p, t).sum() / denom)
+
+
+def iou(pred: np.ndarray, truth: np.ndarray) -> float:
+    p, t = np.asarray(pred, bool), np.asarray(truth, bool)
+    union = np.logical_or(p, t).sum()
+    return 1.0 if union == 0 else float(np.logical_and(p, t).sum() / union)

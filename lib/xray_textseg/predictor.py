@@ -1,0 +1,199 @@
+"""The user-facing predictor: ``set_image`` once, then ``predict`` any number of text prompts.
+
+Zero-shot path (no adapter yet), per label, coarse to fine:
+
+1. *coarse*: the label's prior box (or a box the user drew) prompts the decoder on the
+   embedding of the whole film;
+2. *fine*: the box of the coarse mask's largest component, grown by a margin, is cropped,
+   stretched to the model's square and encoded on its own; the decoder is prompted with the
+   coarse box in that crop. At 256 px a whole film leaves a femur or clavicle a few pixels wide;
+   the crop gives it the full input.
+
+Every embedding (whole film or crop) is cached by (pixels, backbone weights, adapter version,
+view), so further prompts on the same image only pay for decoding.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from .backbones import Backbone
+from .cache import EmbeddingCache
+from .io import Radiograph, load_radiograph, radiograph_from_array
+from .priors import PriorBoxes
+from .transforms import View, largest_component, mask_box
+from .vocabulary import ALL_LABELS, ParsedLabel, parse_prompt
+
+
+@dataclass
+class LabelResult:
+    label: str
+    mask: np.ndarray  # bool (H, W)
+    score: float  # decoder's predicted IoU of the final mask
+    box: list[float]  # the box that prompted the final decode, image pixels [x0, y0, x1, y1]
+    prompt_source: str  # "prior" | "user_box" | "text"
+
+
+@dataclass
+class Prediction:
+    results: list[LabelResult]
+    mode: str  # "zero-shot" | "adapter"
+    image_shape: tuple[int, int]
+    timings_ms: dict[str, float] = field(default_factory=dict)
+    cache: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def labels(self) -> list[str]:
+        return [r.label for r in self.results]
+
+    def mask(self, label: str) -> np.ndarray:
+        for r in self.results:
+            if r.label == label:
+                return r.mask
+        raise KeyError(label)
+
+    def label_map(self) -> np.ndarray:
+        """uint8 (H, W): 0 background, i+1 for the i-th result (see :meth:`label_map_with_values`)."""
+        return self.label_map_with_values({r.label: i + 1 for i, r in enumerate(self.results)})
+
+    def label_map_with_values(self, values: dict[str, int]) -> np.ndarray:
+        """uint8 (H, W) with ``values[label]`` inside each mask. Larger masks are painted first, so a small
+        structure lying over a large one (a clavicle over a lung) stays visible."""
+        out = np.zeros(self.image_shape, dtype=np.uint8)
+        for r in sorted(self.results, key=lambda r: -int(r.mask.sum())):
+            out[r.mask] = values[r.label]
+        return out
+
+
+class Predictor:
+    """Holds the backbone, prior boxes and embedding cache; thread-safe (one predict at a time)."""
+
+    def __init__(self, backbone: Backbone, priors: PriorBoxes | None = None, cache_size: int = 32,
+                 labels: tuple[str, ...] = ALL_LABELS, refine: bool = True, crop_margin: float = 0.15):
+        self.backbone = backbone
+        self.priors = priors or PriorBoxes()
+        self.cache = EmbeddingCache(cache_size)
+        self.labels = labels
+        self.refine = refine
+        self.crop_margin = crop_margin
+        self.adapter_version = "none"
+        self._image: Radiograph | None = None
+        self._hash = ""
+        self._lock = threading.RLock()
+
+    # --- state ------------------------------------------------------------------------------------
+    @property
+    def mode(self) -> str:
+        return "zero-shot" if self.adapter_version == "none" else "adapter"
+
+    def set_image(self, image: Radiograph | np.ndarray | str) -> Radiograph:
+        """Select the image to segment. Cheap: encoding happens lazily and is cached."""
+        if isinstance(image, np.ndarray):
+            image = radiograph_from_array(image)
+        elif not isinstance(image, Radiograph):
+            image = load_radiograph(image)
+        with self._lock:
+            self._image, self._hash = image, image.content_hash()
+        return image
+
+    def _cache_key(self, view: View) -> tuple:
+        return (self._hash, self.backbone.weights_id, self.adapter_version, view.key())
+
+    @torch.inference_mode()
+    def embedding(self, view: View) -> tuple[torch.Tensor, bool]:
+        """The (1, 256, 64, 64) embedding of ``view`` of the current image, from the cache when possible."""
+        assert self._image is not None, "call set_image first"
+        pixels = self._image.pixels
+        return self.cache.get_or_compute(self._cache_key(view),
+                                         lambda: self.backbone.encode(view.model_input(pixels)))
+
+    def coarse_view(self) -> View:
+        """The whole film. Very elongated films (long-leg, 1:8) are stretched, letterboxing would leave the
+        leg a few pixels wide."""
+        h, w = self._image.shape
+        if max(h, w) / min(h, w) > 2.0:
+            return View.full((h, w), self.backbone.input_size, stretch=True)
+        return self.backbone.full_view((h, w))
+
+    # --- prediction --------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def _decode_boxes(self, view: View, boxes: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, bool]:
+        emb, hit = self.embedding(view)
+        model_boxes = torch.from_numpy(view.box_to_model(boxes))
+        sparse, dense = self.backbone.prompt_embeddings(len(boxes), boxes=model_boxes)
+        logits, iou = self.backbone.decode(emb, sparse, dense)
+        return logits.float().cpu(), iou.float().cpu(), hit
+
+    def predict(self, prompt: str | list[str], boxes: dict[str, list[float]] | None = None,
+                refine: bool | None = None) -> Prediction:
+        """Segment the labels named in ``prompt`` ("left lung, heart" or a list of label names).
+
+        ``boxes`` optionally gives a user box per label (image pixels) that replaces the prior box.
+        """
+        if self._image is None:
+            raise RuntimeError("call set_image before predict")
+        parsed = _as_parsed(prompt, self.labels)
+        refine = self.refine if refine is None else refine
+        with self._lock:
+            t0 = time.perf_counter()
+            hits0, misses0 = self.cache.hits, self.cache.misses
+            shape = self._image.shape
+            prompt_boxes, sources = [], []
+            for p in parsed:
+                user = (boxes or {}).get(p.label)
+                prompt_boxes.append(np.asarray(user, np.float32) if user is not None else self.priors.box(p.label, shape))
+                sources.append("user_box" if user is not None else "prior")
+            prompt_boxes = np.stack(prompt_boxes)
+
+            view = self.coarse_view()
+            logits, iou, _ = self._decode_boxes(view, prompt_boxes)
+            full = view.logits_to_image(logits).numpy() > 0
+            results = []
+            t_coarse = time.perf_counter()
+            for i, p in enumerate(parsed):
+                mask, score, used_box = full[i], float(iou[i]), prompt_boxes[i]
+                if refine:
+                    coarse = largest_component(mask)
+                    b = mask_box(coarse)
+                    # user boxes are trusted as they are; a prior box only where the coarse pass found nothing
+                    fine_box = used_box if (b is None or sources[i] == "user_box") else np.asarray(b, np.float32)
+                    crop = View.crop(shape, fine_box, self.backbone.input_size, margin=self.crop_margin)
+                    c_logits, c_iou, _ = self._decode_boxes(crop, fine_box[None])
+                    mask = crop.logits_to_image(c_logits)[0].numpy() > 0
+                    score, used_box = float(c_iou[0]), fine_box
+                results.append(LabelResult(p.label, largest_component(mask), score,
+                                           [float(v) for v in used_box], sources[i]))
+            t1 = time.perf_counter()
+            return Prediction(
+                results, self.mode, shape,
+                timings_ms={"coarse": 1e3 * (t_coarse - t0), "fine": 1e3 * (t1 - t_coarse), "total": 1e3 * (t1 - t0)},
+                cache={"hits": self.cache.hits - hits0, "misses": self.cache.misses - misses0},
+            )
+
+
+def _as_parsed(prompt: str | list[str], allowed: tuple[str, ...]) -> list[ParsedLabel]:
+    if isinstance(prompt, str):
+        return parse_prompt(prompt, allowed)
+    out: list[ParsedLabel] = []
+    for item in prompt:
+        for p in parse_prompt(item, allowed):
+            if p.label not in [q.label for q in out]:
+                out.append(p)
+    return out
+
+
+def build_predictor(backbone: str = "litemedsam", checkpoint: str | None = None, device: str = "auto",
+                    labels: str | tuple[str, ...] = "both", refine: bool = True, cache_size: int = 32,
+                    priors: PriorBoxes | None = None) -> Predictor:
+    """One call from options to a ready predictor (the CLI and the MONAI Label app both use it)."""
+    from .backbones import build_backbone, resolve_device
+    from .vocabulary import resolve_label_set
+
+    label_set = resolve_label_set(labels) if isinstance(labels, str) else tuple(labels)
+    model = build_backbone(backbone, checkpoint, device=resolve_device(device))
+    return Predictor(model, priors=priors, cache_size=cache_size, labels=label_set, refine=refine)
