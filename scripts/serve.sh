@@ -8,6 +8,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+# the monailabel launcher runs `python -m monailabel.main`: make that the venv's python
+export PATH="$PWD/.venv/bin:$PATH" MONAILABEL_PYEXE="$PWD/.venv/bin/python"
 # radiographs: also offer DICOM files in a local folder (MONAI Label ignores .dcm by default)
 export MONAI_LABEL_DATASTORE_FILE_EXT=${MONAI_LABEL_DATASTORE_FILE_EXT:-'["*.png","*.jpg","*.jpeg","*.tif","*.tiff","*.dcm","*.nii","*.nii.gz"]'}
 # DICOMweb studies: radiograph modalities instead of MONAI Label's default CT filter

@@ -74,13 +74,16 @@ class Predictor:
     """Holds the backbone, prior boxes and embedding cache; thread-safe (one predict at a time)."""
 
     def __init__(self, backbone: Backbone, priors: PriorBoxes | None = None, cache_size: int = 32,
-                 labels: tuple[str, ...] = ALL_LABELS, refine: bool = True, crop_margin: float = 0.15):
+                 labels: tuple[str, ...] = ALL_LABELS, refine: bool = True, crop_margin: float = 0.15,
+                 max_tile_aspect: float = 2.0, coarse_grow: float = 0.15):
         self.backbone = backbone
         self.priors = priors or PriorBoxes()
         self.cache = EmbeddingCache(cache_size)
         self.labels = labels
         self.refine = refine
         self.crop_margin = crop_margin
+        self.max_tile_aspect = max_tile_aspect
+        self.coarse_grow = coarse_grow
         self.adapter_version = "none"
         self._image: Radiograph | None = None
         self._hash = ""
@@ -129,6 +132,19 @@ class Predictor:
         logits, iou = self.backbone.decode(emb, sparse, dense)
         return logits.float().cpu(), iou.float().cpu(), hit
 
+    def _fine_logits(self, box: np.ndarray) -> tuple[np.ndarray, float]:
+        """Logits (H, W) of the fine pass for one box: a stretched crop, or overlapping tiles along the long
+        axis when the box is more than ``max_tile_aspect`` times longer than wide (femur, tibia)."""
+        shape, size = self._image.shape, self.backbone.input_size
+        out = np.full(shape, -20.0, dtype=np.float32)
+        scores = []
+        for tile in tile_boxes(box, self.max_tile_aspect):
+            view = View.crop(shape, tile, size, margin=self.crop_margin)
+            logits, iou, _ = self._decode_boxes(view, tile[None])
+            np.maximum(out, view.logits_to_image(logits)[0].numpy(), out=out)
+            scores.append(float(iou[0]))
+        return out, float(np.mean(scores))
+
     def predict(self, prompt: str | list[str], boxes: dict[str, list[float]] | None = None,
                 refine: bool | None = None) -> Prediction:
         """Segment the labels named in ``prompt`` ("left lung, heart" or a list of label names).
@@ -161,11 +177,12 @@ class Predictor:
                     coarse = largest_component(mask)
                     b = mask_box(coarse)
                     # user boxes are trusted as they are; a prior box only where the coarse pass found nothing
-                    fine_box = used_box if (b is None or sources[i] == "user_box") else np.asarray(b, np.float32)
-                    crop = View.crop(shape, fine_box, self.backbone.input_size, margin=self.crop_margin)
-                    c_logits, c_iou, _ = self._decode_boxes(crop, fine_box[None])
-                    mask = crop.logits_to_image(c_logits)[0].numpy() > 0
-                    score, used_box = float(c_iou[0]), fine_box
+                    if b is None or sources[i] == "user_box":
+                        fine_box = used_box
+                    else:  # SAM's masks sit inside their box: grow the coarse box so the fine pass can extend it
+                        fine_box = grow_box(b, self.coarse_grow, shape)
+                    fine_logits, score = self._fine_logits(fine_box)
+                    mask, used_box = fine_logits > 0, fine_box
                 results.append(LabelResult(p.label, largest_component(mask), score,
                                            [float(v) for v in used_box], sources[i]))
             t1 = time.perf_counter()
@@ -174,6 +191,34 @@ class Predictor:
                 timings_ms={"coarse": 1e3 * (t_coarse - t0), "fine": 1e3 * (t1 - t_coarse), "total": 1e3 * (t1 - t0)},
                 cache={"hits": self.cache.hits - hits0, "misses": self.cache.misses - misses0},
             )
+
+
+def grow_box(box, fraction: float, shape: tuple[int, int]) -> np.ndarray:
+    """``box`` grown by ``fraction`` of its width/height on every side, clipped to the image."""
+    x0, y0, x1, y1 = (float(v) for v in box)
+    dx, dy = fraction * (x1 - x0), fraction * (y1 - y0)
+    h, w = shape
+    return np.array([max(0.0, x0 - dx), max(0.0, y0 - dy), min(w - 1.0, x1 + dx), min(h - 1.0, y1 + dy)],
+                    dtype=np.float32)
+
+
+def tile_boxes(box, max_aspect: float = 2.0, overlap: float = 0.25) -> list[np.ndarray]:
+    """Split a long box into overlapping tiles along its long axis, each at most ``max_aspect`` long:
+    one stretched crop of a 1:5 femur would squash it; tiles keep each piece near square."""
+    x0, y0, x1, y1 = (float(v) for v in box)
+    w, h = max(x1 - x0, 1.0), max(y1 - y0, 1.0)
+    vertical = h >= w
+    long_, short = (h, w) if vertical else (w, h)
+    if long_ <= max_aspect * short:
+        return [np.array([x0, y0, x1, y1], dtype=np.float32)]
+    n = max(2, int(np.ceil((long_ / short - overlap * max_aspect) / (max_aspect * (1 - overlap)))))
+    step = long_ / (n - (n - 1) * overlap)
+    tiles = []
+    for i in range(n):
+        a = (y0 if vertical else x0) + i * step * (1 - overlap)
+        b = min(a + step, y1 if vertical else x1)
+        tiles.append(np.array([x0, a, x1, b] if vertical else [a, y0, b, y1], dtype=np.float32))
+    return tiles
 
 
 def _as_parsed(prompt: str | list[str], allowed: tuple[str, ...]) -> list[ParsedLabel]:

@@ -1,0 +1,93 @@
+"""Zero-shot text-prompted inference with the real packaged LiteMedSAM on sample and real films."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import SAMPLE, real_dir
+from xray_textseg.io import load_mask, load_radiograph
+from xray_textseg.metrics import dice
+from xray_textseg.predictor import tile_boxes
+from xray_textseg.vocabulary import UnknownLabelError
+
+
+def centroid_x(mask: np.ndarray) -> float:
+    return float(np.nonzero(mask)[1].mean()) / mask.shape[1]
+
+
+def test_laterality_on_sample_chest(fresh_predictor):
+    """'right lung' is the patient's right: the image-left half on a PA film, and it matches the truth."""
+    image = load_radiograph(SAMPLE / "images" / "chest_000.png")
+    fresh_predictor.set_image(image)
+    pred = fresh_predictor.predict("right lung, left lung")
+    right, left = pred.mask("right_lung"), pred.mask("left_lung")
+    assert centroid_x(right) < 0.5 < centroid_x(left)
+    truth = {lab: load_mask(SAMPLE / "labels" / lab / "chest_000.png", image.shape) > 0
+             for lab in ("right_lung", "left_lung")}
+    # each mask overlaps its own lung, not the other one (zero-shot quality itself is benchmarked, not asserted)
+    assert dice(right, truth["right_lung"]) > 0.5 > 0.1 > dice(right, truth["left_lung"])
+    assert dice(left, truth["left_lung"]) > 0.5 > 0.1 > dice(left, truth["right_lung"])
+    assert pred.mode == "zero-shot"
+    assert [r.prompt_source for r in pred.results] == ["prior", "prior"]
+
+
+def test_second_prompt_reuses_the_embedding(fresh_predictor):
+    fresh_predictor.set_image(SAMPLE / "images" / "chest_001.png")
+    first = fresh_predictor.predict("heart", refine=False)
+    assert first.cache == {"hits": 0, "misses": 1}
+    second = fresh_predictor.predict("left lung", refine=False)
+    assert second.cache == {"hits": 1, "misses": 0}
+    # the same pixels under another name hit the cache too (keyed by content, not path)
+    fresh_predictor.set_image(load_radiograph(SAMPLE / "images" / "chest_001.png").pixels.copy())
+    assert fresh_predictor.predict("heart", refine=False).cache["hits"] == 1
+
+
+def test_unknown_prompt_names_known_labels(fresh_predictor):
+    fresh_predictor.set_image(SAMPLE / "images" / "chest_000.png")
+    with pytest.raises(UnknownLabelError, match="left lung"):
+        fresh_predictor.predict("LL")
+
+
+def test_user_box_is_used(fresh_predictor):
+    image = load_radiograph(SAMPLE / "images" / "chest_002.png")
+    truth = load_mask(SAMPLE / "labels" / "heart" / "chest_002.png", image.shape) > 0
+    ys, xs = np.nonzero(truth)
+    box = [float(xs.min()), float(ys.min()), float(xs.max()), float(ys.max())]
+    fresh_predictor.set_image(image)
+    pred = fresh_predictor.predict("heart", boxes={"heart": box})
+    assert pred.results[0].prompt_source == "user_box"
+    assert dice(pred.mask("heart"), truth) > 0.8
+
+
+def test_label_map_values_and_overlap_order(fresh_predictor):
+    fresh_predictor.set_image(SAMPLE / "images" / "chest_000.png")
+    pred = fresh_predictor.predict("left lung, left clavicle", refine=False)
+    lm = pred.label_map_with_values({"left_lung": 2, "left_clavicle": 5})
+    assert set(np.unique(lm)) <= {0, 2, 5}
+    # the clavicle (smaller) is painted last, so all of its pixels keep its value
+    assert (lm[pred.mask("left_clavicle")] == 5).all()
+
+
+def test_tile_boxes_cover_a_long_box():
+    tiles = tile_boxes([10, 0, 30, 200], max_aspect=2.0)
+    assert len(tiles) >= 4
+    assert tiles[0][1] == 0 and tiles[-1][3] == pytest.approx(200)
+    for t in tiles:
+        assert (t[3] - t[1]) <= 2.0 * (t[2] - t[0]) + 1e-3
+    for a, b in zip(tiles, tiles[1:]):
+        assert b[1] < a[3]  # overlapping, no gaps
+    assert len(tile_boxes([0, 0, 100, 120])) == 1
+
+
+def test_right_lung_on_a_real_jsrt_film(fresh_predictor):
+    """Acceptance: on a real PA chest film 'right lung' overlaps the patient's right lung (image left)."""
+    data = real_dir("jsrt_chest")
+    img = sorted((data / "images").glob("*.png"))[0]
+    image = load_radiograph(img)
+    truth_r = load_mask(data / "labels" / "right_lung" / img.name, image.shape) > 0
+    truth_l = load_mask(data / "labels" / "left_lung" / img.name, image.shape) > 0
+    assert centroid_x(truth_r) < 0.5  # the data's own convention
+    fresh_predictor.set_image(image)
+    mask = fresh_predictor.predict("right lung").mask("right_lung")
+    assert dice(mask, truth_r) > 0.5
+    assert dice(mask, truth_l) < 0.1

@@ -1,0 +1,85 @@
+"""End to end: the real MONAI Label server with our app on 127.0.0.1, driven over HTTP."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+from conftest import SAMPLE
+from server import Server, copy_studies
+from xray_textseg.io import load_mask
+from xray_textseg.metrics import dice
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    root = tmp_path_factory.mktemp("e2e")
+    studies = copy_studies(root / "studies", ["chest_000.png", "chest_001.png", "limb_000.png"])
+    srv = Server(studies)
+    try:
+        srv.info = srv.wait_ready()
+        yield srv
+    finally:
+        srv.stop()
+
+
+def read_label_map(content: bytes) -> np.ndarray:
+    """The NIfTI the server returns, as an (H, W) array in image orientation (it is stored (W, H, 1))."""
+    if content[:2] == b"\x1f\x8b":
+        content = gzip.decompress(content)
+    img = nib.Nifti1Image.from_bytes(content)
+    data = np.asarray(img.dataobj)
+    assert data.ndim == 3 and data.shape[2] == 1
+    return data[:, :, 0].T
+
+
+def test_info_lists_the_text_prompt_task(server):
+    task = server.info["models"]["xray_textseg"]
+    assert task["type"] == "segmentation" and task["dimension"] == 2
+    assert isinstance(task["config"]["prompt"], str)
+    assert task["labels"]["left_lung"] == 1 and "femur" in task["labels"]
+
+
+def test_infer_left_lung(server):
+    r = server.client.post("/infer/xray_textseg", params={"image": "chest_000", "output": "all"},
+                           data={"params": json.dumps({"prompt": "left lung"})})
+    assert r.status_code == 200, r.text
+    # "all" returns multipart: the label file and the params json
+    ctype = r.headers["content-type"]
+    assert ctype.startswith("multipart/form-data")
+    parts = _multipart(r)
+    params = json.loads(parts["params"])
+    assert params["label_names"] == {"left_lung": 1} and params["mode"] == "zero-shot"
+    lm = read_label_map(parts["image"])
+    assert lm.shape == (512, 512) and set(np.unique(lm)) <= {0, 1}
+    truth = load_mask(SAMPLE / "labels" / "left_lung" / "chest_000.png", (512, 512)) > 0
+    assert dice(lm == 1, truth) > 0.5  # orientation: a transposed or flipped map would miss
+    assert np.nonzero(lm == 1)[1].mean() > 256
+
+
+def test_infer_bad_requests_are_4xx(server):
+    r = server.client.post("/infer/xray_textseg", params={"image": "chest_000"},
+                           data={"params": json.dumps({"prompt": "LL"})})
+    assert r.status_code == 400 and "left lung" in r.text
+    r = server.client.post("/infer/xray_textseg", params={"image": "chest_000"}, data={"params": "{}"})
+    assert r.status_code in (400, 422)
+    r = server.client.post("/infer/xray_textseg", params={"image": "no_such_image"},
+                           data={"params": json.dumps({"prompt": "heart"})})
+    assert 400 <= r.status_code < 500
+
+
+def _multipart(response) -> dict[str, bytes]:
+    """Split MONAI Label's multipart/form-data answer (output=all) into {field name: bytes}."""
+    boundary = response.headers["content-type"].split("boundary=")[1].strip('"').encode()
+    out = {}
+    for chunk in response.content.split(b"--" + boundary):
+        if b"\r\n\r\n" not in chunk:
+            continue
+        head, body = chunk.split(b"\r\n\r\n", 1)
+        name = head.split(b'name="')[1].split(b'"')[0].decode()
+        out[name] = body[:-2] if body.endswith(b"\r\n") else body
+    return out
