@@ -3,7 +3,6 @@
 import numpy as np
 import pytest
 import torch
-
 from xray_textseg.transforms import View, largest_component, mask_box
 
 

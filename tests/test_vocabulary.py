@@ -1,7 +1,6 @@
 """Free text -> canonical labels: synonyms, laterality, and clear errors for what we do not know."""
 
 import pytest
-
 from xray_textseg.vocabulary import (
     CHEST_LABELS,
     UnknownLabelError,

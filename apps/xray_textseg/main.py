@@ -15,14 +15,14 @@ import sys
 from monailabel.interfaces.app import MONAILabelApp
 
 try:  # the engine is installed into the venv; fall back to the checkout for a bare clone
-    import xray_textseg  # noqa: F401
+    import xray_textseg
 except ImportError:  # pragma: no cover
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "lib"))
-    import xray_textseg  # noqa: F401
+    import xray_textseg
 
-from lib.infers import TextPromptSegmentation  # noqa: E402
-from lib.options import AppOptions  # noqa: E402
-from xray_textseg.predictor import build_predictor  # noqa: E402
+from lib.infers import TextPromptSegmentation
+from lib.options import AppOptions
+from xray_textseg.predictor import build_predictor
 
 logger = logging.getLogger(__name__)
 

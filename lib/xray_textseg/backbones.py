@@ -18,7 +18,7 @@ import hashlib
 from pathlib import Path
 
 import torch
-import torch.nn as nn
+from torch import nn
 
 from .transforms import View
 
@@ -131,7 +131,7 @@ def _weights_id(checkpoint: str | None) -> str:
 def _load_state(path: str) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - re-raised with the file named
+    except Exception as exc:
         raise BackboneError(f"cannot read checkpoint {path}: {exc}") from exc
     if isinstance(state, dict):
         for key in ("model", "state_dict"):

@@ -19,7 +19,7 @@ import threading
 from pathlib import Path
 
 import torch
-import torch.nn as nn
+from torch import nn
 
 from .vocabulary import ParsedLabel, label_phrases
 
@@ -51,7 +51,7 @@ class TextEncoder:
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(self.path, local_files_only=True)
             model = AutoModel.from_pretrained(self.path, local_files_only=True)
-        except Exception as exc:  # noqa: BLE001 - re-raised with the path named
+        except Exception as exc:
             raise TextEncoderError(f"cannot load text encoder from {self.path}: {exc}") from exc
         # CLIP-style models: use the text tower only
         self.model = getattr(model, "text_model", model).to(device).eval()

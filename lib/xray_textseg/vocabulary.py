@@ -84,8 +84,7 @@ def _normalise(text: str) -> list[str]:
     words = []
     for w in text.split():
         w = w.strip("'")
-        if w.endswith("'s"):
-            w = w[:-2]
+        w = w.removesuffix("'s")
         w = _PLURALS.get(w, w)
         if w and w not in _FILLER:
             words.append(w)

@@ -14,7 +14,6 @@ from typing import Any
 
 from fastapi import HTTPException
 from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
-
 from xray_textseg.io import ImageReadError, load_radiograph, save_mask
 from xray_textseg.predictor import Predictor
 from xray_textseg.vocabulary import ALL_LABELS, UnknownLabelError
