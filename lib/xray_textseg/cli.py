@@ -2,7 +2,8 @@
 
     xray-textseg info
     xray-textseg predict IMAGE --prompt "left lung" [--prompt heart ...] -o OUT
-    xray-textseg evaluate --data DIR [--mode zero-shot|oracle-box] [--limit N]
+    xray-textseg evaluate --data DIR [--adapter DIR] [--mode text|zero-shot|oracle-box] [--limit N]
+    xray-textseg train --data DIR --out ADAPTER_DIR [--mode auto|lora|cached] [--epochs N]
     xray-textseg make-sample-data --out sample_data
 
 Errors in the input (unknown label, unreadable image, bad option) print one line naming the
@@ -26,13 +27,16 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--labels", default="both", help="chest | lower_limb | both | comma list of labels")
     p.add_argument("--no-refine", action="store_true", help="one coarse pass only (faster, less accurate)")
+    p.add_argument("--text-encoder", default=None, help="local Hugging Face model folder (default: MiniLM)")
+    p.add_argument("--adapter", default=None, help="a trained adapter directory (default: none, zero-shot)")
 
 
 def _predictor(args):
     from .predictor import build_predictor
 
     return build_predictor(backbone=args.backbone, checkpoint=args.checkpoint, device=args.device,
-                           labels=args.labels, refine=not args.no_refine)
+                           labels=args.labels, refine=not args.no_refine, text_encoder=args.text_encoder,
+                           adapter=getattr(args, "adapter", None))
 
 
 def cmd_info(args) -> int:
@@ -107,14 +111,57 @@ def cmd_predict(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    from .evaluation import evaluate_folder, format_table
+    from .evaluation import evaluate_folder, format_table, overlay_grid
 
+    if args.mode == "text" and not args.adapter:
+        raise ValueError("--mode text needs --adapter DIR (a trained adapter); use --mode zero-shot without one")
+    if args.mode != "text" and args.adapter:
+        raise ValueError(f"--mode {args.mode} ignores the adapter; use --mode text with --adapter")
     predictor = _predictor(args)
-    report = evaluate_folder(predictor, args.data, mode=args.mode, limit=args.limit, progress=True)
+    names = args.cases.split(",") if args.cases else None
+    report = evaluate_folder(predictor, args.data, mode=args.mode, limit=args.limit, progress=True, names=names,
+                             hd95=not args.no_hd95, keep_masks=bool(args.overlay))
     print(format_table(report))
+    if args.overlay:
+        print(f"wrote {overlay_grid(report, args.overlay)}")
+    report.pop("masks", None)
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))
         print(f"wrote {args.json}")
+    return 0
+
+
+def cmd_train(args) -> int:
+    import logging
+
+    from .backbones import build_backbone, resolve_device
+    from .text import TextEncoder
+    from .train import TrainConfig, _print_progress, load_folder, train_adapter
+    from .vocabulary import resolve_label_set
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    labels = resolve_label_set(args.labels)
+    out = Path(args.out)
+    if out.exists():
+        raise ValueError(f"{out} exists; adapters are never overwritten, choose a new --out")
+    names = args.cases.split(",") if args.cases else None
+    items = load_folder(args.data, labels, names=names)
+    if not items:
+        raise ValueError(f"no labelled images for {','.join(labels)} in {args.data}")
+    cfg = TrainConfig(mode=args.mode, epochs=args.epochs, seed=args.seed, device=args.device,
+                      val_fraction=args.val_fraction, time_budget_s=args.time_budget * 60 if args.time_budget else None,
+                      batch_size=args.batch_size)
+    backbone = build_backbone(args.backbone, args.checkpoint, device=resolve_device(args.device))
+    encoder = TextEncoder(args.text_encoder, device=backbone.device)
+    t0 = time.perf_counter()
+    meta = train_adapter(items, out, backbone=backbone, text_encoder=encoder, labels=labels, cfg=cfg,
+                         progress=_print_progress, log_path=out.parent / f"{out.name}.train.jsonl")
+    val = meta["validation"]
+    print(json.dumps({"adapter": str(out), "mode": meta["mode"], "device": meta["device"],
+                      "train_images": len(meta["train_images"]), "val_images": len(meta["val_images"]),
+                      "val_dice": val["dice"], "val_dice_mean": val.get("dice_mean"),
+                      "epochs_run": meta["training"]["epochs_run"], "stopped": meta["training"]["stopped"],
+                      "seconds": round(time.perf_counter() - t0, 1), "size_bytes": meta["size_bytes"]}, indent=2))
     return 0
 
 
@@ -133,7 +180,6 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("info", help="backbone, text encoder, device and labels")
     _add_model_options(p)
-    p.add_argument("--text-encoder", default=None, help="local Hugging Face model folder (default: MiniLM)")
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("predict", help="segment IMAGE for one or more text prompts")
@@ -148,11 +194,29 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("evaluate", help="Dice/IoU per label on a folder with images/ and labels/<label>/")
     p.add_argument("--data", required=True)
-    p.add_argument("--mode", default="zero-shot", choices=["zero-shot", "oracle-box"])
+    p.add_argument("--mode", default="zero-shot", choices=["text", "zero-shot", "oracle-box"],
+                   help="text: the adapter's text prompts; zero-shot: prior boxes; oracle-box: ground-truth boxes")
     p.add_argument("--limit", type=int, default=None, help="first N cases only")
+    p.add_argument("--cases", default=None, help="comma list of case names (default: all)")
     p.add_argument("--json", default=None, help="also write the report as JSON here")
+    p.add_argument("--overlay", default=None, help="write an overlay PNG grid here")
+    p.add_argument("--no-hd95", action="store_true", help="skip HD95 (faster)")
     _add_model_options(p)
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("train", help="train an adapter (LoRA + text head + decoder) on a labelled folder")
+    p.add_argument("--data", required=True, help="folder with images/ and labels/<label>/")
+    p.add_argument("--out", required=True, help="new adapter directory (never overwritten)")
+    p.add_argument("--mode", default="auto", choices=["auto", "lora", "cached"],
+                   help="lora: encoder LoRA (GPU); cached: frozen encoder, cached embeddings (CPU); auto picks")
+    p.add_argument("--epochs", type=int, default=40)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--val-fraction", type=float, default=0.2)
+    p.add_argument("--time-budget", type=float, default=None, help="minutes of training before keeping the best")
+    p.add_argument("--cases", default=None, help="comma list of case names to train on (default: all)")
+    p.add_argument("--seed", type=int, default=0)
+    _add_model_options(p)
+    p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("make-sample-data", help="generate synthetic radiographs with exact masks")
     p.add_argument("--out", default="sample_data")
@@ -166,6 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from .adapters import AdapterError
     from .backbones import BackboneError
     from .io import ImageReadError, MaskReadError
     from .text import TextEncoderError
@@ -173,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return args.func(args)
-    except (UnknownLabelError, ImageReadError, MaskReadError, BackboneError, TextEncoderError,
+    except (AdapterError, UnknownLabelError, ImageReadError, MaskReadError, BackboneError, TextEncoderError,
             FileNotFoundError, ValueError) as exc:
         print(f"xray-textseg {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE

@@ -75,7 +75,8 @@ class Predictor:
 
     def __init__(self, backbone: Backbone, priors: PriorBoxes | None = None, cache_size: int = 32,
                  labels: tuple[str, ...] = ALL_LABELS, refine: bool = True, crop_margin: float = 0.15,
-                 max_tile_aspect: float = 2.0, coarse_grow: float = 0.15):
+                 max_tile_aspect: float = 2.0, coarse_grow: float = 0.15, text_encoder=None,
+                 text_encoder_path: str | None = None):
         self.backbone = backbone
         self.priors = priors or PriorBoxes()
         self.cache = EmbeddingCache(cache_size)
@@ -85,6 +86,12 @@ class Predictor:
         self.max_tile_aspect = max_tile_aspect
         self.coarse_grow = coarse_grow
         self.adapter_version = "none"
+        self.adapter_metadata: dict = {}
+        self.encoder_version = "base"  # part of the cache key: a LoRA adapter changes the embeddings
+        self.head = None
+        self._text_encoder = text_encoder
+        self._text_encoder_path = text_encoder_path
+        self._base = (backbone.image_encoder, backbone.mask_decoder, self.priors)
         self._image: Radiograph | None = None
         self._hash = ""
         self._lock = threading.RLock()
@@ -105,7 +112,73 @@ class Predictor:
         return image
 
     def _cache_key(self, view: View) -> tuple:
-        return (self._hash, self.backbone.weights_id, self.adapter_version, view.key())
+        return (self._hash, self.backbone.weights_id, self.encoder_version, view.key())
+
+    # --- adapters ----------------------------------------------------------------------------------
+    @property
+    def text_encoder(self):
+        if self._text_encoder is None:
+            from .text import TextEncoder
+
+            self._text_encoder = TextEncoder(self._text_encoder_path, device=self.backbone.device)
+        return self._text_encoder
+
+    def load_adapter(self, path, merge: bool = True) -> None:
+        """Use the adapter in ``path`` (see ``adapters.py``) for all further predictions. ``merge`` folds the
+        LoRA weights into the encoder (no run-time overhead). Raises AdapterError when it does not fit."""
+        import copy
+
+        from .adapters import AdapterError, lora_encoder
+        from .adapters import load_adapter as read_adapter
+        from .text import PromptHead
+
+        adapter = read_adapter(path)
+        meta = adapter.metadata
+        if meta.get("backbone") != self.backbone.name:
+            raise AdapterError(f"adapter {path} was trained for backbone {meta.get('backbone')!r}, "
+                               f"this server runs {self.backbone.name!r}")
+        enc = self.text_encoder
+        if meta.get("text_encoder") != enc.name or int(meta.get("text_dim", -1)) != enc.dim:
+            raise AdapterError(f"adapter {path} was trained with text encoder {meta.get('text_encoder')!r} "
+                               f"(dim {meta.get('text_dim')}), this server uses {enc.name!r} (dim {enc.dim})")
+        head = PromptHead(enc.dim, n_tokens=int(meta["n_tokens"]), hidden=int(meta["head_hidden"]))
+        head.load_state_dict(adapter.head_state)
+        head.check_trained()
+        base_encoder, base_decoder, _ = self._base
+        decoder = copy.deepcopy(base_decoder)
+        decoder.load_state_dict({k: v.to(torch.float32) if v.is_floating_point() else v
+                                 for k, v in adapter.decoder_state.items()})
+        encoder = base_encoder
+        if adapter.has_lora:
+            encoder = lora_encoder(copy.deepcopy(base_encoder), adapter.path, trainable=False)
+            if merge:
+                encoder = encoder.merge_and_unload()
+        dev = self.backbone.device
+        with self._lock:
+            self.backbone.image_encoder = encoder.to(dev).eval()
+            self.backbone.mask_decoder = decoder.to(dev).eval()
+            self.head = head.to(dev).eval()
+            self.priors = PriorBoxes.from_json(adapter.priors)
+            self.adapter_version = adapter.version
+            self.adapter_metadata = meta
+            self.encoder_version = adapter.version if adapter.has_lora else "base"
+
+    def unload_adapter(self) -> None:
+        """Back to the zero-shot path with the original weights."""
+        with self._lock:
+            encoder, decoder, priors = self._base
+            self.backbone.image_encoder, self.backbone.mask_decoder, self.priors = encoder, decoder, priors
+            self.head, self.adapter_version, self.adapter_metadata, self.encoder_version = None, "none", {}, "base"
+
+    @torch.inference_mode()
+    def _text_tokens(self, parsed: list[ParsedLabel]) -> torch.Tensor | None:
+        if self.head is None:
+            return None
+        from .text import head_inputs
+
+        emb, sides = head_inputs(self.text_encoder, parsed)
+        dev = self.backbone.device
+        return self.head(emb.to(dev), sides.to(dev))
 
     @torch.inference_mode()
     def embedding(self, view: View) -> tuple[torch.Tensor, bool]:
@@ -125,14 +198,15 @@ class Predictor:
 
     # --- prediction --------------------------------------------------------------------------------
     @torch.inference_mode()
-    def _decode_boxes(self, view: View, boxes: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    def _decode_boxes(self, view: View, boxes: np.ndarray,
+                      tokens: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, bool]:
         emb, hit = self.embedding(view)
         model_boxes = torch.from_numpy(view.box_to_model(boxes))
-        sparse, dense = self.backbone.prompt_embeddings(len(boxes), boxes=model_boxes)
+        sparse, dense = self.backbone.prompt_embeddings(len(boxes), boxes=model_boxes, tokens=tokens)
         logits, iou = self.backbone.decode(emb, sparse, dense)
         return logits.float().cpu(), iou.float().cpu(), hit
 
-    def _fine_logits(self, box: np.ndarray) -> tuple[np.ndarray, float]:
+    def _fine_logits(self, box: np.ndarray, tokens: torch.Tensor | None = None) -> tuple[np.ndarray, float]:
         """Logits (H, W) of the fine pass for one box: a stretched crop, or overlapping tiles along the long
         axis when the box is more than ``max_tile_aspect`` times longer than wide (femur, tibia)."""
         shape, size = self._image.shape, self.backbone.input_size
@@ -140,7 +214,7 @@ class Predictor:
         scores = []
         for tile in tile_boxes(box, self.max_tile_aspect):
             view = View.crop(shape, tile, size, margin=self.crop_margin)
-            logits, iou, _ = self._decode_boxes(view, tile[None])
+            logits, iou, _ = self._decode_boxes(view, tile[None], tokens)
             np.maximum(out, view.logits_to_image(logits)[0].numpy(), out=out)
             scores.append(float(iou[0]))
         return out, float(np.mean(scores))
@@ -163,11 +237,12 @@ class Predictor:
             for p in parsed:
                 user = (boxes or {}).get(p.label)
                 prompt_boxes.append(np.asarray(user, np.float32) if user is not None else self.priors.box(p.label, shape))
-                sources.append("user_box" if user is not None else "prior")
+                sources.append("user_box" if user is not None else ("text" if self.head is not None else "prior"))
             prompt_boxes = np.stack(prompt_boxes)
 
+            tokens = self._text_tokens(parsed)
             view = self.coarse_view()
-            logits, iou, _ = self._decode_boxes(view, prompt_boxes)
+            logits, iou, _ = self._decode_boxes(view, prompt_boxes, tokens)
             full = view.logits_to_image(logits).numpy() > 0
             results = []
             t_coarse = time.perf_counter()
@@ -181,7 +256,7 @@ class Predictor:
                         fine_box = used_box
                     else:  # SAM's masks sit inside their box: grow the coarse box so the fine pass can extend it
                         fine_box = grow_box(b, self.coarse_grow, shape)
-                    fine_logits, score = self._fine_logits(fine_box)
+                    fine_logits, score = self._fine_logits(fine_box, None if tokens is None else tokens[i:i + 1])
                     mask, used_box = fine_logits > 0, fine_box
                 results.append(LabelResult(p.label, largest_component(mask), score,
                                            [float(v) for v in used_box], sources[i]))
@@ -234,11 +309,17 @@ def _as_parsed(prompt: str | list[str], allowed: tuple[str, ...]) -> list[Parsed
 
 def build_predictor(backbone: str = "litemedsam", checkpoint: str | None = None, device: str = "auto",
                     labels: str | tuple[str, ...] = "both", refine: bool = True, cache_size: int = 32,
-                    priors: PriorBoxes | None = None) -> Predictor:
-    """One call from options to a ready predictor (the CLI and the MONAI Label app both use it)."""
+                    priors: PriorBoxes | None = None, text_encoder: str | None = None,
+                    adapter: str | None = None) -> Predictor:
+    """One call from options to a ready predictor (the CLI and the MONAI Label app both use it).
+    The text encoder loads lazily (only an adapter needs it); ``adapter`` loads one right away."""
     from .backbones import build_backbone, resolve_device
     from .vocabulary import resolve_label_set
 
     label_set = resolve_label_set(labels) if isinstance(labels, str) else tuple(labels)
     model = build_backbone(backbone, checkpoint, device=resolve_device(device))
-    return Predictor(model, priors=priors, cache_size=cache_size, labels=label_set, refine=refine)
+    predictor = Predictor(model, priors=priors, cache_size=cache_size, labels=label_set, refine=refine,
+                          text_encoder_path=text_encoder or None)
+    if adapter:
+        predictor.load_adapter(adapter)
+    return predictor

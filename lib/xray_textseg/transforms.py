@@ -104,6 +104,19 @@ class View:
         return p.astype(np.float32)
 
     # --- masks -------------------------------------------------------------------------------------
+    def mask_to_model(self, mask: np.ndarray, res: int | None = None) -> torch.Tensor:
+        """Image-space mask (H, W) -> (res, res) float target in [0, 1] over the model square (the
+        decoder's output grid; padding is background). The inverse of :meth:`logits_to_image`."""
+        res = res or self.size
+        x0, y0, x1, y1 = self.box
+        region = torch.from_numpy(np.ascontiguousarray(mask[y0:y1, x0:x1], dtype=np.float32))[None, None]
+        vh, vw = self.valid_shape
+        th, tw = max(1, round(vh * res / self.size)), max(1, round(vw * res / self.size))
+        resized = F.interpolate(region, size=(th, tw), mode="bilinear", align_corners=False, antialias=True)
+        out = torch.zeros((res, res), dtype=torch.float32)
+        out[:th, :tw] = resized[0, 0]
+        return out
+
     def logits_to_region(self, low_res: torch.Tensor) -> torch.Tensor:
         """Decoder logits (N, 1, h, w) over the model square -> (N, rh, rw) logits over the view's region."""
         vh, vw = self.valid_shape

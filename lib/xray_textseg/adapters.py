@@ -1,0 +1,247 @@
+"""Adapter artifacts and the adapter store.
+
+An *adapter* is what training produces, one directory:
+
+    adapter_config.json, adapter_model.safetensors   peft LoRA of the image encoder (save_pretrained
+                                                      format; absent when only head + decoder were trained)
+    head.safetensors                                  text -> sparse-prompt projection head
+    decoder.safetensors                               mask decoder weights (float16)
+    priors.json                                       prior boxes fitted on the training labels
+    metadata.json                                     backbone, text encoder, labels, training-set image
+                                                      hashes, validation Dice per label, timestamp, mode
+
+It is written into a temporary sibling directory and renamed into place, so a crash leaves either
+the whole adapter or nothing.
+
+The :class:`AdapterStore` keeps numbered versions under one folder with a ``current`` pointer
+(a small JSON file replaced atomically). :meth:`AdapterStore.promote` accepts a candidate only if
+its validation Dice is not worse than the current adapter's on the same validation images;
+:meth:`AdapterStore.rollback` returns to the previous promoted version.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .io import write_atomic
+
+LORA_TARGETS = r".*\.attn\.(qkv|proj)$"  # attention only: a plain ["qkv", "proj"] also hits patch_embed.proj
+METADATA = "metadata.json"
+FORMAT_VERSION = 1
+
+
+class AdapterError(ValueError):
+    """A missing, incomplete or incompatible adapter: the message names the directory and the problem."""
+
+
+@dataclass
+class Adapter:
+    """An adapter loaded in memory (weights on CPU)."""
+
+    path: Path
+    metadata: dict
+    head_state: dict[str, torch.Tensor]
+    decoder_state: dict[str, torch.Tensor]
+    priors: dict
+    has_lora: bool
+
+    @property
+    def version(self) -> str:
+        return str(self.metadata.get("version") or self.path.name)
+
+    @property
+    def val_dice(self) -> dict[str, float]:
+        return dict(self.metadata.get("validation", {}).get("dice", {}))
+
+
+def save_adapter(out_dir: str | Path, *, head: torch.nn.Module, decoder: torch.nn.Module,
+                 encoder_peft: torch.nn.Module | None, priors: dict, metadata: dict) -> Path:
+    """Write an adapter directory atomically (temporary sibling + rename). Returns its path.
+
+    ``encoder_peft`` is the peft-wrapped image encoder (``PeftModel``) or None when the encoder was frozen.
+    The decoder is stored as float16 (half the size); callers that need bit-exact round trips evaluate
+    the model *after* :func:`round_decoder_` so training, validation and loading see the same weights.
+    """
+    from safetensors.torch import save_file
+
+    out_dir = Path(out_dir)
+    if out_dir.exists():
+        raise AdapterError(f"adapter directory already exists: {out_dir}")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        if encoder_peft is not None:
+            encoder_peft.save_pretrained(str(tmp))
+        save_file({k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()},
+                  str(tmp / "head.safetensors"))
+        save_file({k: v.detach().cpu().to(torch.float16 if v.is_floating_point() else v.dtype).contiguous()
+                   for k, v in decoder.state_dict().items()}, str(tmp / "decoder.safetensors"))
+        (tmp / "priors.json").write_text(json.dumps(priors, indent=2))
+        meta = {"format": FORMAT_VERSION, "encoder_lora": encoder_peft is not None, **metadata}
+        meta.setdefault("created", time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+        meta.setdefault("version", out_dir.name)
+        meta["size_bytes"] = sum(p.stat().st_size for p in tmp.iterdir())
+        (tmp / METADATA).write_text(json.dumps(meta, indent=2))  # written last: its presence marks completeness
+        for p in tmp.iterdir():
+            with open(p, "rb") as f:
+                os.fsync(f.fileno())
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def round_decoder_(decoder: torch.nn.Module) -> None:
+    """Round the decoder's float weights to float16 precision in place (what :func:`save_adapter` stores)."""
+    with torch.no_grad():
+        for p in decoder.state_dict().values():
+            if p.is_floating_point():
+                p.copy_(p.to(torch.float16).to(p.dtype))
+
+
+def load_adapter(path: str | Path) -> Adapter:
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    meta_path = path / METADATA
+    if not path.is_dir():
+        raise AdapterError(f"adapter not found: {path}")
+    if not meta_path.is_file():
+        raise AdapterError(f"incomplete adapter (no {METADATA}): {path}")
+    try:
+        metadata = json.loads(meta_path.read_text())
+        head = load_file(str(path / "head.safetensors"))
+        decoder = load_file(str(path / "decoder.safetensors"))
+        priors = json.loads((path / "priors.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise AdapterError(f"cannot read adapter {path}: {exc}") from exc
+    has_lora = (path / "adapter_config.json").is_file()
+    if bool(metadata.get("encoder_lora")) != has_lora:
+        raise AdapterError(f"adapter {path}: metadata and files disagree about the encoder LoRA")
+    return Adapter(path, metadata, head, decoder, priors, has_lora)
+
+
+def lora_encoder(encoder: torch.nn.Module, adapter_path: str | Path | None = None, rank: int = 8,
+                 alpha: int = 16, dropout: float = 0.0, trainable: bool = True):
+    """Wrap ``encoder`` with peft LoRA on its attention ``qkv``/``proj`` layers: fresh (for training)
+    or loaded from ``adapter_path`` (for inference)."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    if adapter_path is not None:
+        return PeftModel.from_pretrained(encoder, str(adapter_path), is_trainable=trainable)
+    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=LORA_TARGETS, bias="none")
+    return get_peft_model(encoder, config)
+
+
+# --- the store ----------------------------------------------------------------------------------------
+class AdapterStore:
+    """Versions ``v0001``, ``v0002``, ... under ``root``; ``current.json`` names the promoted one.
+
+    ``history`` in ``current.json`` lists previously promoted versions (for :meth:`rollback`). All writes
+    are atomic; a version directory is never modified or deleted by promotion or rollback.
+    """
+
+    POINTER = "current.json"
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+
+    # --- reading ---
+    def versions(self) -> list[str]:
+        return sorted(p.name for p in self.root.iterdir()
+                      if p.is_dir() and p.name.startswith("v") and (p / METADATA).is_file())
+
+    def _pointer(self) -> dict:
+        p = self.root / self.POINTER
+        if not p.is_file():
+            return {"current": None, "history": []}
+        return json.loads(p.read_text())
+
+    def current(self) -> str | None:
+        return self._pointer()["current"]
+
+    def current_path(self) -> Path | None:
+        cur = self.current()
+        return self.root / cur if cur else None
+
+    def path(self, version: str) -> Path:
+        return self.root / version
+
+    def metadata(self, version: str) -> dict:
+        return json.loads((self.root / version / METADATA).read_text())
+
+    # --- writing ---
+    def new_version_path(self) -> Path:
+        """A fresh, unused version path (not created: :func:`save_adapter` creates it atomically)."""
+        existing = [int(p.name[1:]) for p in self.root.iterdir() if p.name[:1] == "v" and p.name[1:].isdigit()]
+        return self.root / f"v{max(existing, default=0) + 1:04d}"
+
+    def _write_pointer(self, data: dict) -> None:
+        write_atomic(self.root / self.POINTER, json.dumps(data, indent=2).encode())
+
+    def set_current(self, version: str, reason: str) -> None:
+        with self._lock:
+            if not (self.root / version / METADATA).is_file():
+                raise AdapterError(f"no complete adapter {version} in {self.root}")
+            ptr = self._pointer()
+            if ptr["current"] and ptr["current"] != version:
+                ptr["history"].append(ptr["current"])
+            ptr["current"] = version
+            ptr.setdefault("log", []).append({"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "version": version,
+                                              "reason": reason})
+            self._write_pointer(ptr)
+
+    def promote(self, candidate: str, candidate_dice: float, current_dice: float | None,
+                tolerance: float = 0.0) -> tuple[bool, str]:
+        """Make ``candidate`` current if its mean validation Dice is not worse than the current adapter's
+        on the same images (``current_dice``; None when there is no current adapter). Returns (promoted, why)."""
+        if current_dice is not None and candidate_dice + tolerance < current_dice:
+            why = (f"kept {self.current()}: candidate {candidate} validation Dice {candidate_dice:.4f} < "
+                   f"current {current_dice:.4f} on the same images")
+            self._append_log(candidate, "rejected: " + why)
+            return False, why
+        why = (f"promoted {candidate}: validation Dice {candidate_dice:.4f}"
+               + (f" >= current {current_dice:.4f}" if current_dice is not None else " (first adapter)"))
+        self.set_current(candidate, why)
+        return True, why
+
+    def rollback(self) -> str | None:
+        """Go back to the previously promoted version; returns it (None when there is none)."""
+        with self._lock:
+            ptr = self._pointer()
+            if not ptr["history"]:
+                return None
+            prev = ptr["history"].pop()
+            ptr["current"] = prev
+            ptr.setdefault("log", []).append({"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "version": prev,
+                                              "reason": "rollback"})
+            self._write_pointer(ptr)
+            return prev
+
+    def _append_log(self, version: str, reason: str) -> None:
+        with self._lock:
+            ptr = self._pointer()
+            ptr.setdefault("log", []).append({"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "version": version,
+                                              "reason": reason})
+            self._write_pointer(ptr)
+
+    def cleanup_partial(self) -> list[str]:
+        """Remove temporary directories left by an interrupted save (never a complete version)."""
+        removed = []
+        for p in self.root.iterdir():
+            if p.is_dir() and p.name.startswith(".v"):
+                shutil.rmtree(p, ignore_errors=True)
+                removed.append(p.name)
+        return removed

@@ -1,0 +1,601 @@
+"""Text-guided adapter training: LoRA in the image encoder + text->prompt head + mask decoder.
+
+Samples are (image, label text, mask). Each labelled structure gives two kinds of example, the two
+passes the predictor runs (see ``predictor.py``):
+
+* *coarse*: the whole film, prompted with the label's prior box (fitted on the training labels)
+  plus the projected text tokens;
+* *fine*: a crop around the structure (its box grown or shrunk at random, long bones in tiles),
+  prompted with the crop's box plus the text tokens.
+
+Modes
+-----
+``lora``   the image encoder gets peft LoRA adapters on its attention ``qkv``/``proj`` and is trained
+           with the head and decoder; every step encodes augmented inputs (GPU speed).
+``cached`` the encoder stays frozen: every example is encoded once (``cached_variants`` augmented
+           copies), then only the head and decoder train on the cached embeddings. The CPU mode:
+           the encoder forward is ~90 % of the cost.
+``auto``   ``lora`` on CUDA, ``cached`` on CPU. The log says which mode ran.
+
+Loss: Dice + BCE (MONAI ``DiceCELoss``) on the decoder's logits, plus MSE between predicted and
+actual IoU (the active-learning uncertainty uses the predicted IoU). AdamW, warm-up + cosine
+schedule, early stopping on validation Dice, a wall-clock budget, AMP (bf16) on CUDA. Augmentations
+keep laterality: small rotation/scale/shift, contrast/brightness/gamma, noise; never a flip.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .backbones import Backbone
+from .io import Radiograph, load_mask, load_radiograph
+from .priors import PriorBoxes
+from .text import PromptHead, TextEncoder, side_code
+from .transforms import View, mask_box
+from .vocabulary import label_phrases
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainConfig:
+    mode: str = "auto"  # auto | lora | cached
+    epochs: int = 40
+    batch_size: int = 8
+    lr_head: float = 1e-3
+    lr_decoder: float = 1e-4
+    lr_lora: float = 5e-4
+    weight_decay: float = 1e-4
+    warmup_steps: int = 20
+    lora_rank: int = 8
+    lora_alpha: int = 16
+    n_tokens: int = 4
+    head_hidden: int = 256
+    val_fraction: float = 0.2
+    min_val_images: int = 1
+    patience: int = 8  # epochs without a better validation Dice before stopping
+    seed: int = 0
+    device: str = "auto"
+    amp: bool = True
+    time_budget_s: float | None = None  # stop (keeping the best epoch) after this much training time
+    cached_variants: int = 1  # cached mode: augmented copies encoded per example
+    crop_margin: float = 0.15  # must match the predictor's
+    max_tile_aspect: float = 2.0
+    augment: bool = True
+
+
+@dataclass
+class TrainItem:
+    """One labelled image: pixels and a boolean mask per label name."""
+
+    name: str
+    image: Radiograph
+    masks: dict[str, np.ndarray]
+
+    @property
+    def labels(self) -> list[str]:
+        return [k for k, v in self.masks.items() if v.any()]
+
+
+@dataclass
+class Example:
+    label: str
+    kind: str  # coarse | fine
+    box: np.ndarray  # (4,) model-space prompt box
+    target: torch.Tensor  # (R, R) float
+    x: torch.Tensor | None = None  # (3, S, S) model input (lora mode / re-encoding)
+    emb: torch.Tensor | None = None  # (256, 64, 64) cached embedding (cached mode)
+    item: int = 0
+
+
+@dataclass
+class TrainResult:
+    mode: str
+    epochs_run: int
+    best_epoch: int
+    best_val_dice: float
+    history: list[dict] = field(default_factory=list)
+    stopped: str = ""  # why training stopped: "epochs" | "early stop" | "time budget" | "stop requested"
+    seconds: float = 0.0
+
+
+# --- data ---------------------------------------------------------------------------------------------
+def load_folder(data_dir: str | Path, labels: tuple[str, ...] | None = None,
+                names: list[str] | None = None) -> list[TrainItem]:
+    """Items from a folder laid out like ``../shared/xray_real/<set>`` (``images/``, ``labels/<label>/``)."""
+    from .evaluation import list_cases
+
+    items = []
+    for case, img_path, mask_paths in list_cases(data_dir):
+        if names is not None and case not in names:
+            continue
+        image = load_radiograph(img_path)
+        masks = {lab: load_mask(p, image.shape) > 0 for lab, p in mask_paths.items()
+                 if labels is None or lab in labels}
+        if any(m.any() for m in masks.values()):
+            items.append(TrainItem(case, image, masks))
+    return items
+
+
+def split_items(items: list[TrainItem], val_fraction: float, seed: int,
+                min_val: int = 1) -> tuple[list[TrainItem], list[TrainItem]]:
+    """Deterministic split by image (never by structure: one image's labels stay on one side)."""
+    order = sorted(range(len(items)), key=lambda i: items[i].image.content_hash())
+    rng = random.Random(seed)
+    rng.shuffle(order)
+    n_val = max(min_val, round(val_fraction * len(items))) if len(items) > 1 else 0
+    val = [items[i] for i in order[:n_val]]
+    train = [items[i] for i in order[n_val:]]
+    return train, val
+
+
+def fit_priors(items: list[TrainItem], labels: tuple[str, ...]) -> PriorBoxes:
+    priors = PriorBoxes()
+    for lab in labels:
+        priors.fit(lab, [it.masks[lab] for it in items if lab in it.masks and it.masks[lab].any()])
+    return priors
+
+
+def coarse_view(shape: tuple[int, int], backbone: Backbone) -> View:
+    """The predictor's whole-film view (stretched for very elongated films)."""
+    h, w = shape
+    if max(h, w) / min(h, w) > 2.0:
+        return View.full((h, w), backbone.input_size, stretch=True)
+    return backbone.full_view((h, w))
+
+
+def _jitter_box(box: np.ndarray, rng: np.random.Generator, lo: float, hi: float, shape) -> np.ndarray:
+    """Move every side of ``box`` outwards by U(lo, hi) of its size (negative: inwards), clipped."""
+    x0, y0, x1, y1 = (float(v) for v in box)
+    w, h = max(x1 - x0, 2.0), max(y1 - y0, 2.0)
+    d = rng.uniform(lo, hi, size=4)
+    H, W = shape
+    out = np.array([x0 - d[0] * w, y0 - d[1] * h, x1 + d[2] * w, y1 + d[3] * h], dtype=np.float32)
+    out[[0, 2]] = np.clip(out[[0, 2]], 0, W - 1)
+    out[[1, 3]] = np.clip(out[[1, 3]], 0, H - 1)
+    if out[2] - out[0] < 2 or out[3] - out[1] < 2:
+        return np.asarray(box, dtype=np.float32)
+    return out
+
+
+def draw_example(item: TrainItem, label: str, kind: str, rng: np.random.Generator, priors: PriorBoxes,
+                 backbone: Backbone, cfg: TrainConfig, res: int, train: bool = True) -> Example:
+    """One example as the predictor would see it, with random jitter when ``train``."""
+    from .predictor import tile_boxes
+
+    shape = item.image.shape
+    mask = item.masks[label]
+    if kind == "coarse":
+        view = coarse_view(shape, backbone)
+        box = priors.box(label, shape)
+        if train:
+            box = _jitter_box(box, rng, -0.08, 0.08, shape)
+    else:
+        gt = np.asarray(mask_box(mask), dtype=np.float32)
+        box = _jitter_box(gt, rng, -0.05, 0.3, shape) if train else _jitter_box(gt, rng, 0.15, 0.15, shape)
+        tiles = tile_boxes(box, cfg.max_tile_aspect)
+        box = tiles[int(rng.integers(len(tiles)))] if train else tiles[len(tiles) // 2]
+        view = View.crop(shape, box, backbone.input_size, margin=cfg.crop_margin)
+    x = view.model_input(item.image.pixels)[0]
+    target = view.mask_to_model(mask.astype(np.float32), res)
+    return Example(label, kind, view.box_to_model(box), target, x=x)
+
+
+def augment(ex: Example, rng: np.random.Generator, res: int) -> Example:
+    """Laterality-safe augmentation in model space: rotation +-6 deg, scale +-6 %, shift +-4 %, contrast,
+    brightness, gamma, noise. The prompt box follows the geometry. Never a horizontal flip."""
+    x, target = ex.x.clone(), ex.target
+    size = x.shape[-1]
+    ang = math.radians(rng.uniform(-6, 6))
+    s = rng.uniform(0.94, 1.06)
+    tx, ty = rng.uniform(-0.04, 0.04, size=2)
+    # affine_grid maps output coords -> input coords (normalised [-1, 1])
+    a, b = math.cos(ang) / s, math.sin(ang) / s
+    theta = torch.tensor([[a, -b, tx], [b, a, ty]], dtype=torch.float32)[None]
+    grid = F.affine_grid(theta, (1, 1, size, size), align_corners=False)
+    x = F.grid_sample(x[:1][None], grid, mode="bilinear", padding_mode="zeros", align_corners=False)[0]
+    tgrid = F.affine_grid(theta, (1, 1, res, res), align_corners=False)
+    target = F.grid_sample(target[None, None], tgrid, mode="bilinear", align_corners=False)[0, 0]
+    # box corners: input -> output coords is the inverse map
+    inv = torch.linalg.inv(torch.cat([theta[0], torch.tensor([[0.0, 0.0, 1.0]])]))[:2]
+    x0, y0, x1, y1 = (float(v) for v in ex.box)
+    corners = torch.tensor([[x0, y0], [x1, y0], [x0, y1], [x1, y1]], dtype=torch.float32)
+    norm = corners / size * 2 - 1
+    out = (torch.cat([norm, torch.ones(4, 1)], 1) @ inv.T + 1) / 2 * size
+    box = np.array([out[:, 0].min(), out[:, 1].min(), out[:, 0].max(), out[:, 1].max()], dtype=np.float32)
+    box = np.clip(box, 0, size)
+    # intensity
+    x = x.clamp(0, 1) ** float(np.exp(rng.uniform(-0.25, 0.25)))
+    x = (x - 0.5) * rng.uniform(0.85, 1.15) + 0.5 + rng.uniform(-0.08, 0.08)
+    x = x + float(rng.uniform(0, 0.03)) * torch.randn_like(x)
+    lo, hi = x.amin(), x.amax()
+    x = ((x - lo) / torch.clamp(hi - lo, min=1e-6)).expand(3, size, size).contiguous()
+    return Example(ex.label, ex.kind, box, target, x=x, item=ex.item)
+
+
+# --- model ---------------------------------------------------------------------------------------------
+def decode_batch(backbone: Backbone, emb: torch.Tensor, sparse: torch.Tensor, dense: torch.Tensor):
+    """Logits (B, 1, R, R) and predicted IoU (B,) for B (embedding, prompt) pairs. LiteMedSAM's decoder takes
+    pairs; segment_anything's repeats one embedding per prompt, so it is called once per pair."""
+    if backbone.name == "litemedsam":
+        return backbone.decode(emb, sparse, dense)
+    outs = [backbone.decode(emb[i:i + 1], sparse[i:i + 1], dense[i:i + 1]) for i in range(emb.shape[0])]
+    return torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs])
+
+
+def soft_dice(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Per-sample Dice of the thresholded prediction (logit > 0) against target > 0.5."""
+    p = (logits > 0).float().flatten(1)
+    t = (target > 0.5).float().flatten(1)
+    inter = (p * t).sum(1)
+    denom = p.sum(1) + t.sum(1)
+    return torch.where(denom > 0, 2 * inter / denom.clamp(min=1), torch.ones_like(denom))
+
+
+class Trainer:
+    """Trains an adapter from labelled items. ``should_stop()`` is polled between steps (MONAI Label's stop)."""
+
+    def __init__(self, backbone: Backbone, text_encoder: TextEncoder, labels: tuple[str, ...],
+                 cfg: TrainConfig | None = None, progress: Callable[[dict], None] | None = None,
+                 should_stop: Callable[[], bool] | None = None, log_path: str | Path | None = None):
+        from .backbones import resolve_device
+
+        self.cfg = cfg or TrainConfig()
+        self.device = resolve_device(self.cfg.device)
+        self.mode = self.cfg.mode if self.cfg.mode != "auto" else ("lora" if self.device.type == "cuda" else "cached")
+        if self.mode not in ("lora", "cached"):
+            raise ValueError(f"unknown training mode {self.cfg.mode!r}; use auto, lora or cached")
+        # a private copy: the caller's backbone (serving predictions) is never modified
+        self.backbone = copy.deepcopy(backbone).to(self.device)
+        self.text_encoder = text_encoder
+        self.labels = labels
+        self.progress = progress or (lambda info: None)
+        self.should_stop = should_stop or (lambda: False)
+        self.log_path = Path(log_path) if log_path else None
+        self.res = 256  # decoder output grid of both backbones
+        self.head = PromptHead(text_encoder.dim, n_tokens=self.cfg.n_tokens, hidden=self.cfg.head_hidden).to(self.device)
+        self.encoder_peft = None
+        for p in self.backbone.parameters():
+            p.requires_grad_(False)
+        for p in self.backbone.mask_decoder.parameters():
+            p.requires_grad_(True)
+        if self.mode == "lora":
+            from .adapters import lora_encoder
+
+            self.encoder_peft = lora_encoder(self.backbone.image_encoder, rank=self.cfg.lora_rank,
+                                             alpha=self.cfg.lora_alpha)
+            self.backbone.image_encoder = self.encoder_peft
+        # text inputs: every phrase of every label (training samples synonyms)
+        self.phrases = {lab: label_phrases(lab) for lab in labels}
+        all_phrases = [p for ps in self.phrases.values() for p in ps]
+        self.phrase_emb = dict(zip(all_phrases, text_encoder.encode(all_phrases)))
+        self.sides = {lab: side_code(lab.split("_")[0] if lab.split("_")[0] in ("left", "right") else None)
+                      for lab in labels}
+        self.amp = self.cfg.amp and self.device.type == "cuda"
+
+    # --- examples ---
+    def _examples(self, items: list[TrainItem], priors: PriorBoxes, rng: np.random.Generator, train: bool,
+                  variants: int = 1) -> list[Example]:
+        out = []
+        for i, it in enumerate(items):
+            for lab in it.labels:
+                if lab not in self.labels:
+                    continue
+                for kind in ("coarse", "fine"):
+                    for _ in range(variants):
+                        ex = draw_example(it, lab, kind, rng, priors, self.backbone, self.cfg, self.res, train=train)
+                        if train and self.cfg.augment:
+                            ex = augment(ex, rng, self.res)
+                        ex.item = i
+                        out.append(ex)
+        return out
+
+    @torch.no_grad()
+    def _encode_all(self, examples: list[Example], what: str) -> None:
+        t0 = time.perf_counter()
+        bs = 16 if self.device.type == "cuda" else 4
+        for k in range(0, len(examples), bs):
+            chunk = examples[k:k + bs]
+            x = torch.stack([e.x for e in chunk]).to(self.device)
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+                emb = self.backbone.encode(x)
+            for e, v in zip(chunk, emb):
+                e.emb = v.to(torch.float16 if self.device.type == "cpu" else v.dtype).detach()
+                e.x = None
+            self.progress({"phase": f"encoding {what}", "done": min(k + bs, len(examples)), "total": len(examples)})
+            if self.should_stop():
+                raise _Stop()
+        logger.info("encoded %d %s examples in %.1f s", len(examples), what, time.perf_counter() - t0)
+
+    def _text(self, examples: list[Example], rng: np.random.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+        phrases = [self.phrases[e.label][int(rng.integers(len(self.phrases[e.label])))] if rng is not None
+                   else self.phrases[e.label][0] for e in examples]
+        emb = torch.stack([self.phrase_emb[p] for p in phrases]).to(self.device)
+        sides = torch.stack([self.sides[e.label] for e in examples]).to(self.device)
+        return emb, sides
+
+    def _forward(self, batch: list[Example], rng: np.random.Generator | None, box_jitter: float = 0.0):
+        if batch[0].emb is not None:
+            emb = torch.stack([e.emb for e in batch]).to(self.device, torch.float32)
+        else:
+            emb = self.backbone.encode(torch.stack([e.x for e in batch]).to(self.device))
+        boxes = np.stack([e.box for e in batch]).astype(np.float32)
+        if box_jitter and rng is not None:
+            wh = np.concatenate([boxes[:, 2:] - boxes[:, :2]] * 2, axis=1)
+            boxes = np.clip(boxes + rng.normal(0, box_jitter, boxes.shape).astype(np.float32) * wh, 0,
+                            self.backbone.input_size)
+        text_emb, sides = self._text(batch, rng)
+        tokens = self.head(text_emb, sides)
+        sparse, dense = self.backbone.prompt_embeddings(len(batch), boxes=torch.from_numpy(boxes), tokens=tokens)
+        logits, iou = decode_batch(self.backbone, emb, sparse, dense)
+        return logits.float(), iou.float()
+
+    def _state(self) -> dict:
+        state = {"head": copy.deepcopy(self.head.state_dict()),
+                 "decoder": copy.deepcopy(self.backbone.mask_decoder.state_dict())}
+        if self.encoder_peft is not None:
+            from peft import get_peft_model_state_dict
+
+            state["lora"] = copy.deepcopy(get_peft_model_state_dict(self.encoder_peft))
+        return state
+
+    def _load_state(self, state: dict) -> None:
+        self.head.load_state_dict(state["head"])
+        self.backbone.mask_decoder.load_state_dict(state["decoder"])
+        if "lora" in state:
+            from peft import set_peft_model_state_dict
+
+            set_peft_model_state_dict(self.encoder_peft, state["lora"])
+
+    @torch.no_grad()
+    def _validate(self, val: list[Example]) -> dict[str, float]:
+        self.head.eval()
+        self.backbone.eval()
+        scores: dict[str, list[float]] = {}
+        bs = self.cfg.batch_size
+        for k in range(0, len(val), bs):
+            batch = val[k:k + bs]
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+                logits, _ = self._forward(batch, None)
+            d = soft_dice(logits, torch.stack([e.target for e in batch]).to(self.device))
+            for e, v in zip(batch, d.tolist()):
+                scores.setdefault(e.label, []).append(v)
+        return {lab: float(np.mean(v)) for lab, v in sorted(scores.items())}
+
+    # --- the loop ---
+    def fit(self, train_items: list[TrainItem], val_items: list[TrainItem], priors: PriorBoxes) -> TrainResult:
+        from monai.losses import DiceCELoss
+
+        cfg = self.cfg
+        torch.manual_seed(cfg.seed)
+        rng = np.random.default_rng(cfg.seed)
+        t_start = time.perf_counter()
+        logger.info("training mode=%s device=%s train images=%d val images=%d labels=%s", self.mode, self.device,
+                    len(train_items), len(val_items), ",".join(self.labels))
+        self._log({"event": "start", "mode": self.mode, "device": str(self.device), "train_images": len(train_items),
+                   "val_images": len(val_items), "config": asdict(cfg)})
+        result = TrainResult(self.mode, 0, 0, -1.0)
+        best, best_state = -1.0, None
+        try:
+            val = self._examples(val_items, priors, np.random.default_rng(cfg.seed + 1), train=False)
+            cached_train = None
+            if self.mode == "cached":
+                cached_train = self._examples(train_items, priors, rng, train=True, variants=cfg.cached_variants)
+                self._encode_all(cached_train, "training")
+                self._encode_all(val, "validation")
+            else:
+                for e in val:
+                    e.x = e.x.to(self.device)
+            params = [{"params": self.head.parameters(), "lr": cfg.lr_head},
+                      {"params": self.backbone.mask_decoder.parameters(), "lr": cfg.lr_decoder}]
+            if self.encoder_peft is not None:
+                params.append({"params": [p for p in self.encoder_peft.parameters() if p.requires_grad],
+                               "lr": cfg.lr_lora})
+            opt = torch.optim.AdamW(params, weight_decay=cfg.weight_decay)
+            n_train = len(cached_train) if cached_train is not None else \
+                sum(2 * len([lab for lab in it.labels if lab in self.labels]) for it in train_items)
+            steps_per_epoch = max(1, math.ceil(n_train / cfg.batch_size))
+            total = steps_per_epoch * cfg.epochs
+            sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / cfg.warmup_steps)
+                                                      * 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
+            loss_fn = DiceCELoss(sigmoid=True)
+            best, best_state, stale = -1.0, self._state(), 0
+            if val:
+                base = self._validate(val)
+                best = float(np.mean(list(base.values())))
+                logger.info("epoch 0 (untrained head): val Dice %.4f", best)
+            t_train = time.perf_counter()
+            for epoch in range(1, cfg.epochs + 1):
+                t_ep = time.perf_counter()
+                self.head.train()
+                self.backbone.mask_decoder.train()
+                if self.encoder_peft is not None:
+                    self.encoder_peft.train()
+                examples = cached_train if cached_train is not None else \
+                    self._examples(train_items, priors, rng, train=True)
+                order = rng.permutation(len(examples))
+                losses = []
+                for k in range(0, len(order), cfg.batch_size):
+                    batch = [examples[i] for i in order[k:k + cfg.batch_size]]
+                    target = torch.stack([e.target for e in batch]).to(self.device)[:, None]
+                    with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+                        logits, iou_pred = self._forward(batch, rng, box_jitter=0.03 if cached_train else 0.0)
+                    loss = loss_fn(logits, target)
+                    with torch.no_grad():
+                        actual = soft_dice(logits, target[:, 0])  # Dice as the IoU-head target (same ordering)
+                    loss = loss + 0.5 * F.mse_loss(iou_pred, actual)
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], 1.0)
+                    opt.step()
+                    sched.step()
+                    losses.append(loss.item())
+                    if self.should_stop():
+                        raise _Stop()
+                val_dice = self._validate(val) if val else {}
+                mean = float(np.mean(list(val_dice.values()))) if val_dice else -float(np.mean(losses))
+                improved = mean > best
+                if improved:
+                    best, best_state, stale = mean, self._state(), 0
+                    result.best_epoch = epoch
+                else:
+                    stale += 1
+                row = {"event": "epoch", "epoch": epoch, "total_epochs": cfg.epochs, "loss": float(np.mean(losses)),
+                       "val_dice": val_dice, "val_dice_mean": mean, "best": best, "seconds": time.perf_counter() - t_ep,
+                       "mode": self.mode}
+                result.history.append(row)
+                result.epochs_run = epoch
+                self._log(row)
+                self.progress(row)
+                logger.info("epoch %d/%d loss %.4f val Dice %.4f%s (%.1f s)", epoch, cfg.epochs, row["loss"], mean,
+                            " *" if improved else "", row["seconds"])
+                if val and stale >= cfg.patience:
+                    result.stopped = "early stop"
+                    break
+                if cfg.time_budget_s and time.perf_counter() - t_train > cfg.time_budget_s:
+                    result.stopped = "time budget"
+                    break
+            else:
+                result.stopped = "epochs"
+        except _Stop:
+            result.stopped = "stop requested"
+            best_state = None
+        if best_state is not None:
+            self._load_state(best_state)
+            self.head.trained.fill_(True)
+        result.best_val_dice = best
+        result.seconds = time.perf_counter() - t_start
+        self._log({"event": "end", "stopped": result.stopped, "best_epoch": result.best_epoch,
+                   "best_val_dice_proxy": best, "seconds": result.seconds})
+        return result
+
+    def _log(self, row: dict) -> None:
+        if self.log_path is None:
+            return
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log_path, "a") as f:
+            f.write(json.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%S"), **row}) + "\n")
+
+
+class _Stop(Exception):
+    pass
+
+
+class TrainingStopped(RuntimeError):
+    """Raised by :func:`train_adapter` when a stop was requested: nothing was written or promoted."""
+
+
+# --- one call: items -> validated adapter directory ----------------------------------------------------
+def train_adapter(items: list[TrainItem], out_dir: str | Path, *, backbone: Backbone, text_encoder: TextEncoder,
+                  labels: tuple[str, ...], cfg: TrainConfig | None = None, val_items: list[TrainItem] | None = None,
+                  progress: Callable[[dict], None] | None = None, should_stop: Callable[[], bool] | None = None,
+                  log_path: str | Path | None = None, extra_metadata: dict | None = None) -> dict:
+    """Split, train, validate with the real predictor pipeline (text prompts, coarse-to-fine, image space)
+    and write the adapter atomically to ``out_dir``. Returns the metadata written."""
+    from .adapters import round_decoder_, save_adapter
+    from .predictor import Predictor
+
+    cfg = cfg or TrainConfig()
+    if val_items is None:
+        train_items, val_items = split_items(items, cfg.val_fraction, cfg.seed, cfg.min_val_images)
+    else:
+        train_items = items
+    if not train_items:
+        raise ValueError("no labelled training images")
+    labels = tuple(lab for lab in labels if any(lab in it.labels for it in train_items))
+    if not labels:
+        raise ValueError("the training images carry none of the requested labels")
+    priors = fit_priors(train_items, labels)
+    trainer = Trainer(backbone, text_encoder, labels, cfg, progress=progress, should_stop=should_stop,
+                      log_path=log_path)
+    result = trainer.fit(train_items, val_items, priors)
+    if result.stopped == "stop requested":
+        raise TrainingStopped("training stopped on request; nothing was saved")
+    round_decoder_(trainer.backbone.mask_decoder)
+
+    out_dir = Path(out_dir)
+    staging = out_dir.parent / f".{out_dir.name}.staging"
+    shutil.rmtree(staging, ignore_errors=True)
+    metadata = {
+        "backbone": backbone.name,
+        "backbone_checkpoint": os.path.basename(backbone.checkpoint or "random"),
+        "text_encoder": text_encoder.name,
+        "text_dim": text_encoder.dim,
+        "n_tokens": cfg.n_tokens,
+        "head_hidden": cfg.head_hidden,
+        "labels": list(labels),
+        "mode": trainer.mode,
+        "device": str(trainer.device),
+        "train_images": sorted(it.image.content_hash() for it in train_items),
+        "train_names": sorted(it.name for it in train_items),
+        "val_images": sorted(it.image.content_hash() for it in val_items),
+        "val_names": sorted(it.name for it in val_items),
+        "training": {"epochs_run": result.epochs_run, "best_epoch": result.best_epoch, "stopped": result.stopped,
+                     "seconds": round(result.seconds, 1), "proxy_val_dice": result.best_val_dice,
+                     "config": asdict(cfg)},
+        **(extra_metadata or {}),
+    }
+    save_adapter(staging, head=trainer.head, decoder=trainer.backbone.mask_decoder,
+                 encoder_peft=trainer.encoder_peft, priors=priors.to_json(), metadata=metadata)
+    try:
+        # validation with the saved files, through the same path as serving
+        validation = {"dice": {}, "n_images": len(val_items)}
+        if val_items:
+            predictor = Predictor(backbone, labels=labels, cache_size=0, crop_margin=cfg.crop_margin,
+                                  max_tile_aspect=cfg.max_tile_aspect, text_encoder=text_encoder)
+            predictor.load_adapter(staging)
+            validation = validate(predictor, val_items, labels)
+            predictor.unload_adapter()
+        meta = json.loads((staging / "metadata.json").read_text())
+        meta["validation"] = validation
+        meta["version"] = out_dir.name
+        (staging / "metadata.json").write_text(json.dumps(meta, indent=2))
+        if out_dir.exists():
+            raise FileExistsError(f"adapter directory already exists: {out_dir}")
+        os.replace(staging, out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return meta
+
+
+def validate(predictor, items: list[TrainItem], labels: tuple[str, ...] | None = None) -> dict:
+    """Image-space Dice per label of ``predictor`` (text prompts as a user types them) on ``items``."""
+    from .metrics import dice
+
+    per: dict[str, list[float]] = {}
+    for it in items:
+        labs = [lab for lab in it.labels if labels is None or lab in labels]
+        if not labs:
+            continue
+        predictor.set_image(it.image)
+        pred = predictor.predict(labs)
+        for r in pred.results:
+            per.setdefault(r.label, []).append(dice(r.mask, it.masks[r.label]))
+    d = {lab: float(np.mean(v)) for lab, v in sorted(per.items())}
+    return {"dice": d, "dice_mean": float(np.mean(list(d.values()))) if d else 0.0, "n_images": len(items),
+            "per_image": {lab: [round(x, 4) for x in v] for lab, v in per.items()}}
+
+
+def _print_progress(info: dict) -> None:
+    if info.get("event") == "epoch":
+        vd = " ".join(f"{k}={v:.3f}" for k, v in info["val_dice"].items())
+        print(f"epoch {info['epoch']}/{info['total_epochs']} loss={info['loss']:.4f} val[{vd}] "
+              f"({info['seconds']:.1f} s, {info['mode']})", file=sys.stderr, flush=True)
+    elif "phase" in info and (info["done"] == info["total"] or info["done"] % 40 == 0):
+        print(f"{info['phase']}: {info['done']}/{info['total']}", file=sys.stderr, flush=True)

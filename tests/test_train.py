@@ -1,0 +1,134 @@
+"""Adapter training, artifacts, the store's gate and rollback: real LiteMedSAM, real MiniLM, sample data."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from conftest import SAMPLE
+from xray_textseg.adapters import AdapterError, AdapterStore, load_adapter
+from xray_textseg.backbones import build_backbone
+from xray_textseg.predictor import Predictor
+from xray_textseg.text import TextEncoder
+from xray_textseg.train import TrainConfig, TrainingStopped, load_folder, train_adapter, validate
+
+LABELS = ("left_lung", "heart")
+CASES = ["chest_000", "chest_001", "chest_002", "chest_003"]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("adapters")
+    backbone = build_backbone(device="cpu")
+    encoder = TextEncoder()
+    items = load_folder(SAMPLE, LABELS, names=CASES)
+    store = AdapterStore(root / "store")
+    cfg = TrainConfig(mode="cached", epochs=3, batch_size=4, seed=0, device="cpu", val_fraction=0.25,
+                      warmup_steps=2, patience=10)
+    path = store.new_version_path()
+    meta = train_adapter(items, path, backbone=backbone, text_encoder=encoder, labels=LABELS, cfg=cfg,
+                         log_path=root / "train.jsonl")
+    return {"root": root, "backbone": backbone, "encoder": encoder, "items": items, "store": store, "cfg": cfg,
+            "path": path, "meta": meta}
+
+
+def test_training_lowers_loss_and_raises_validation_dice(setup):
+    log = [json.loads(line) for line in (setup["root"] / "train.jsonl").read_text().splitlines()]
+    epochs = [r for r in log if r["event"] == "epoch"]
+    assert [r["epoch"] for r in epochs] == [1, 2, 3] and all(r["mode"] == "cached" for r in epochs)
+    assert epochs[-1]["loss"] < epochs[0]["loss"]
+    meta = setup["meta"]
+    assert meta["training"]["best_epoch"] >= 1  # some epoch beat the untrained head (epoch 0)
+    assert set(meta["validation"]["dice"]) == set(LABELS)
+    assert meta["validation"]["dice"]["left_lung"] > 0.8
+    assert len(meta["train_images"]) == 3 and len(meta["val_images"]) == 1
+    assert not set(meta["train_names"]) & set(meta["val_names"])
+
+
+def test_adapter_files_and_size(setup):
+    path = setup["path"]
+    names = {p.name for p in path.iterdir()}
+    assert {"head.safetensors", "decoder.safetensors", "priors.json", "metadata.json"} <= names
+    assert "adapter_config.json" not in names  # cached mode: no encoder LoRA
+    assert setup["meta"]["size_bytes"] < 10 * 2**20
+    assert not [p for p in path.parent.iterdir() if p.name.startswith(".")]  # no staging debris
+
+
+def test_round_trip_reproduces_predictions_exactly(setup):
+    a = Predictor(setup["backbone"], labels=LABELS, text_encoder=setup["encoder"])
+    b = Predictor(setup["backbone"], labels=LABELS, text_encoder=setup["encoder"])
+    a.load_adapter(setup["path"])
+    val_items = [it for it in setup["items"] if it.name in setup["meta"]["val_names"]]
+    again = validate(a, val_items, LABELS)
+    assert again["dice"] == setup["meta"]["validation"]["dice"]  # exactly what training measured
+    a.unload_adapter()
+    b.load_adapter(setup["path"])
+    b.set_image(val_items[0].image)
+    pb = b.predict("left lung, heart")
+    assert pb.mode == "adapter" and [r.prompt_source for r in pb.results] == ["text", "text"]
+    b.unload_adapter()
+    a.load_adapter(setup["path"])
+    a.set_image(val_items[0].image)
+    pa = a.predict("left lung, heart")
+    for ra, rb in zip(pa.results, pb.results):
+        assert np.array_equal(ra.mask, rb.mask) and ra.score == rb.score
+    a.unload_adapter()
+    assert a.mode == "zero-shot" and a.head is None
+
+
+def test_store_promotes_first_and_refuses_worse(setup, tmp_path):
+    store = AdapterStore(tmp_path / "store")
+    import shutil
+
+    for v in ("v0001", "v0002"):
+        shutil.copytree(setup["path"], tmp_path / "store" / v)
+    ok, why = store.promote("v0001", 0.80, None)
+    assert ok and store.current() == "v0001"
+    ok, why = store.promote("v0002", 0.79, 0.80)
+    assert not ok and store.current() == "v0001" and "kept v0001" in why
+    ok, _ = store.promote("v0002", 0.80, 0.80)  # not worse: promoted
+    assert ok and store.current() == "v0002"
+    assert store.rollback() == "v0001" and store.current() == "v0001"
+    assert store.versions() == ["v0001", "v0002"]  # nothing deleted
+
+
+def test_stopped_training_writes_nothing(setup, tmp_path):
+    store = AdapterStore(tmp_path / "store")
+    import shutil
+
+    shutil.copytree(setup["path"], tmp_path / "store" / "v0001")
+    store.promote("v0001", 0.8, None)
+    before = (tmp_path / "store" / "current.json").read_text()
+    calls = {"n": 0}
+
+    def stop_soon():
+        calls["n"] += 1
+        return calls["n"] > 3
+
+    target = store.new_version_path()
+    with pytest.raises(TrainingStopped):
+        train_adapter(setup["items"], target, backbone=setup["backbone"], text_encoder=setup["encoder"],
+                      labels=LABELS, cfg=setup["cfg"], should_stop=stop_soon)
+    assert not target.exists()
+    assert (tmp_path / "store" / "current.json").read_text() == before
+    assert sorted(p.name for p in (tmp_path / "store").iterdir()) == ["current.json", "v0001"]
+
+
+def test_incompatible_or_partial_adapters_are_refused(setup, tmp_path):
+    import shutil
+
+    partial = tmp_path / "partial"
+    shutil.copytree(setup["path"], partial)
+    (partial / "metadata.json").unlink()
+    with pytest.raises(AdapterError, match="incomplete"):
+        load_adapter(partial)
+    other = tmp_path / "other"
+    shutil.copytree(setup["path"], other)
+    meta = json.loads((other / "metadata.json").read_text())
+    meta["backbone"] = "medsam_vit_b"
+    (other / "metadata.json").write_text(json.dumps(meta))
+    p = Predictor(setup["backbone"], labels=LABELS, text_encoder=setup["encoder"])
+    with pytest.raises(AdapterError, match="medsam_vit_b"):
+        p.load_adapter(other)
+    assert p.mode == "zero-shot"
