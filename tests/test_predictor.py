@@ -77,6 +77,7 @@ def test_tile_boxes_cover_a_long_box():
     for a, b in zip(tiles, tiles[1:]):
         assert b[1] < a[3]  # overlapping, no gaps
     assert len(tile_boxes([0, 0, 100, 120])) == 1
+    assert len(tile_boxes([0, 0, 100, 250])) == 1  # lung-shaped boxes are not cut
 
 
 def test_right_lung_on_a_real_jsrt_film(fresh_predictor):

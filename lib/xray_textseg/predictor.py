@@ -277,14 +277,16 @@ def grow_box(box, fraction: float, shape: tuple[int, int]) -> np.ndarray:
                     dtype=np.float32)
 
 
-def tile_boxes(box, max_aspect: float = 2.0, overlap: float = 0.25) -> list[np.ndarray]:
-    """Split a long box into overlapping tiles along its long axis, each at most ``max_aspect`` long:
-    one stretched crop of a 1:5 femur would squash it; tiles keep each piece near square."""
+def tile_boxes(box, max_aspect: float = 2.0, overlap: float = 0.25, split_above: float = 3.0) -> list[np.ndarray]:
+    """Split a box longer than ``split_above`` times its width into overlapping tiles along its long axis,
+    each at most ``max_aspect`` long: one stretched crop of a 1:5 femur would squash it; tiles keep each
+    piece near square. Boxes up to ``split_above`` (a lung is about 1:2) stay whole: a tile boundary
+    through an organ costs more than the stretch (right lung 0.87 tiled vs 0.98 whole on a JSRT film)."""
     x0, y0, x1, y1 = (float(v) for v in box)
     w, h = max(x1 - x0, 1.0), max(y1 - y0, 1.0)
     vertical = h >= w
     long_, short = (h, w) if vertical else (w, h)
-    if long_ <= max_aspect * short:
+    if long_ <= max(split_above, max_aspect) * short:
         return [np.array([x0, y0, x1, y1], dtype=np.float32)]
     n = max(2, int(np.ceil((long_ / short - overlap * max_aspect) / (max_aspect * (1 - overlap)))))
     step = long_ / (n - (n - 1) * overlap)
