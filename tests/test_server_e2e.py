@@ -18,7 +18,7 @@ from xray_textseg.metrics import dice
 def server(tmp_path_factory):
     root = tmp_path_factory.mktemp("e2e")
     studies = copy_studies(root / "studies", ["chest_000.png", "chest_001.png", "limb_000.png"])
-    srv = Server(studies)
+    srv = Server(studies, conf={"adapter_dir": str(root / "adapters")})
     try:
         srv.info = srv.wait_ready()
         yield srv

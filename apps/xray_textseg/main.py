@@ -8,9 +8,11 @@ requests into calls to the engine package ``xray_textseg`` (repository ``lib/``)
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
+import threading
 
 from monailabel.interfaces.app import MONAILabelApp
 
@@ -20,9 +22,14 @@ except ImportError:  # pragma: no cover
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "lib"))
     import xray_textseg
 
-from lib.infers import TextPromptSegmentation
-from lib.options import AppOptions
-from xray_textseg.predictor import build_predictor
+from lib.infers import TextPromptSegmentation  # noqa: E402
+from lib.options import AppOptions  # noqa: E402
+from lib.trainers import AdapterTrainer  # noqa: E402
+from xray_textseg.adapters import AdapterStore  # noqa: E402
+from xray_textseg.io import write_atomic  # noqa: E402
+from xray_textseg.predictor import build_predictor  # noqa: E402
+
+TRAIN_TASK = "xray_textseg_train"
 
 logger = logging.getLogger(__name__)
 
@@ -32,8 +39,13 @@ class XrayTextSegApp(MONAILabelApp):
         self.options = AppOptions.from_conf(conf or {})
         logger.info("xray_textseg options: %s", self.options)
         o = self.options
+        o.retrain_seconds  # noqa: B018 - validates the option at start
         self.predictor = build_predictor(backbone=o.backbone, checkpoint=o.checkpoint or None, device=o.device,
-                                         labels=o.labels, refine=o.refine, cache_size=o.cache_size)
+                                         labels=o.labels, refine=o.refine, cache_size=o.cache_size,
+                                         text_encoder=o.text_encoder or None)
+        self.store = AdapterStore(o.adapter_dir or os.path.join(app_dir, "model", "adapters"))
+        self._autotrain_lock = threading.Lock()
+        logger.info("adapter store %s, current adapter: %s", self.store.root, self.store.current() or "none")
         super().__init__(
             app_dir=app_dir,
             studies=studies,
@@ -46,10 +58,66 @@ class XrayTextSegApp(MONAILabelApp):
 
     def init_infers(self):
         default_prompt = ", ".join(label.replace("_", " ") for label in self.predictor.labels[:1])
-        return {"xray_textseg": TextPromptSegmentation(self.predictor, default_prompt=default_prompt)}
+        return {"xray_textseg": TextPromptSegmentation(self.predictor, default_prompt=default_prompt, store=self.store)}
 
     def init_trainers(self):
-        return {}
+        return {TRAIN_TASK: AdapterTrainer(self, self.store, self.predictor.labels, self.options.min_train_images)}
+
+    # --- learning from saved labels ---------------------------------------------------------------
+    def _autotrain_state(self) -> dict:
+        path = self.store.root / "autotrain.json"
+        return json.loads(path.read_text()) if path.is_file() else {"saved_since_train": 0, "labeled_at_last_train": 0}
+
+    def _set_autotrain_state(self, state: dict) -> None:
+        write_atomic(self.store.root / "autotrain.json", json.dumps(state, indent=2).encode())
+
+    def _train_queued(self) -> bool:
+        """A training run waiting to start (one running and one queued is the most we ever keep)."""
+        from monailabel.utils.async_tasks.utils import tasks
+
+        return any(t.get("status") == "SUBMITTED" for t in tasks("train"))
+
+    def _trigger_training(self, why: str) -> bool:
+        if self._train_queued():
+            logger.info("retraining (%s): a run is already queued and will include these labels", why)
+            return False
+        logger.info("retraining: %s", why)
+        self.async_training(TRAIN_TASK, params={TRAIN_TASK: {"trigger": why}}, enqueue=True)
+        return True
+
+    def on_save_label(self, image_id, label_id):
+        super().on_save_label(image_id, label_id)
+        n = self.options.auto_train_after
+        with self._autotrain_lock:
+            state = self._autotrain_state()
+            state["saved_since_train"] = state.get("saved_since_train", 0) + 1
+            logger.info("label saved for %s: %d of %s new labels before retraining", image_id,
+                        state["saved_since_train"], n or "off")
+            if n and state["saved_since_train"] >= n:
+                labeled = len(self.datastore().get_labeled_images(label_tag="final"))
+                self._trigger_training(f"{state['saved_since_train']} new labels saved")
+                state.update(saved_since_train=0, labeled_at_last_train=labeled)
+            self._set_autotrain_state(state)
+
+    def _scheduled_retrain(self) -> None:
+        with self._autotrain_lock:
+            state = self._autotrain_state()
+            labeled = len(self.datastore().get_labeled_images(label_tag="final"))
+            if state.get("saved_since_train", 0) == 0 and labeled <= state.get("labeled_at_last_train", 0):
+                logger.info("scheduled retraining skipped: no new labels since the last run")
+                return
+            self._trigger_training(f"schedule ({self.options.retrain_interval}), new labels since the last run")
+            state.update(saved_since_train=0, labeled_at_last_train=labeled)
+            self._set_autotrain_state(state)
+
+    def on_init_complete(self):
+        super().on_init_complete()
+        seconds = self.options.retrain_seconds
+        if seconds:
+            import schedule
+
+            schedule.every(seconds).seconds.do(self._scheduled_retrain)
+            logger.info("scheduled retraining every %s when new labels arrived", self.options.retrain_interval)
 
     def init_strategies(self):
         from monailabel.tasks.activelearning.first import First

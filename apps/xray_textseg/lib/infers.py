@@ -25,7 +25,7 @@ LABEL_VALUES = {name: i + 1 for i, name in enumerate(ALL_LABELS)}
 
 
 class TextPromptSegmentation(InferTask):
-    def __init__(self, predictor: Predictor, default_prompt: str):
+    def __init__(self, predictor: Predictor, default_prompt: str, store=None):
         labels = {name: LABEL_VALUES[name] for name in predictor.labels}
         super().__init__(
             type=InferType.SEGMENTATION,
@@ -35,6 +35,24 @@ class TextPromptSegmentation(InferTask):
             config={"prompt": default_prompt},
         )
         self.predictor = predictor
+        self.store = store
+        self.sync_adapter()
+
+    def sync_adapter(self) -> None:
+        """Serve the store's current adapter: a promoted one is picked up here, without a restart."""
+        if self.store is None:
+            return
+        current = self.store.current()
+        if current == (None if self.predictor.adapter_version == "none" else self.predictor.adapter_version):
+            return
+        if current is None:
+            self.predictor.unload_adapter()
+            return
+        try:
+            self.predictor.load_adapter(self.store.path(current))
+            logger.info("now serving adapter %s", current)
+        except Exception as exc:  # noqa: BLE001 - keep serving what we have; say why
+            logger.error("cannot load adapter %s (still serving %s): %s", current, self.predictor.mode, exc)
 
     def is_valid(self) -> bool:
         return True
@@ -51,6 +69,7 @@ class TextPromptSegmentation(InferTask):
             image = load_radiograph(path)
         except ImageReadError as exc:
             raise HTTPException(status_code=422, detail=str(exc)) from exc
+        self.sync_adapter()
         try:
             self.predictor.set_image(image)
             prediction = self.predictor.predict(prompt)

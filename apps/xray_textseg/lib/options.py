@@ -14,6 +14,28 @@ class AppOptions:
     device: str = "auto"  # auto | cpu | cuda
     refine: bool = True  # coarse-to-fine crop pass (more accurate, one extra encode per label)
     cache_size: int = 32  # image embeddings kept in memory (about 4 MB each)
+    adapter_dir: str = ""  # adapter store; empty = <app>/model/adapters
+    auto_train_after: int = 5  # retrain after this many newly saved final labels; 0 disables
+    retrain_interval: str = ""  # e.g. 24h, 30m: retrain on a schedule when new labels arrived; empty = off
+    min_train_images: int = 2  # fewer labelled images than this: no training run
+    train_epochs: int = 40  # upper bound; early stopping and the time budget usually end sooner
+    train_time_budget_min: int = 12  # minutes of training before the best epoch is kept (0 = no limit)
+    train_mode: str = "auto"  # auto (lora on CUDA, cached on CPU) | lora | cached
+
+    @property
+    def retrain_seconds(self) -> int:
+        """``retrain_interval`` in seconds (0 = off); accepts 90s, 30m, 24h, 2d or plain seconds."""
+        raw = self.retrain_interval.strip().lower()
+        if not raw or raw in ("0", "off", "none"):
+            return 0
+        units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+        try:
+            value = float(raw[:-1]) * units[raw[-1]] if raw[-1] in units else float(raw)
+        except ValueError:
+            raise ValueError(f"--conf retrain_interval {self.retrain_interval!r}: use e.g. 30m, 24h or 2d") from None
+        if value < 60:
+            raise ValueError(f"--conf retrain_interval {self.retrain_interval!r}: at least 1m")
+        return int(value)
 
     @classmethod
     def from_conf(cls, conf: dict[str, str]) -> AppOptions:

@@ -1,0 +1,165 @@
+"""The retraining task: datastore final labels -> engine ``train_adapter`` -> validation gate -> adapter store.
+
+MONAI Label runs it in a subprocess that re-imports the app (``POST /train/xray_textseg_train``,
+automatically after ``auto_train_after`` saved labels, or every ``retrain_interval``). ``DELETE
+/train/`` kills that subprocess: the adapter is written to a staging directory and renamed only when
+complete, and ``current.json`` is replaced atomically, so a killed run leaves the current adapter in
+place (its staging debris is removed by the next run).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from monailabel.interfaces.datastore import Datastore
+from monailabel.interfaces.tasks.train import TrainTask
+
+from xray_textseg.adapters import AdapterStore
+from xray_textseg.io import load_mask, load_radiograph, write_atomic
+from xray_textseg.train import TrainConfig, TrainItem, split_items, train_adapter, validate
+from xray_textseg.vocabulary import UnknownLabelError, parse_label
+
+from .infers import LABEL_VALUES
+
+logger = logging.getLogger(__name__)
+
+STATS_FILE = "train_stats.json"
+
+
+def label_values_from_info(info: dict[str, Any]) -> dict[str, int]:
+    """{canonical label: value} of a saved label map, from what the client sent with it.
+
+    Slicer sends ``label_info`` = [{"name": "left lung", "idx": 1}, ...]; our own infer results carry
+    ``label_names`` = {"left_lung": 1}; without either, the stable :data:`LABEL_VALUES` apply.
+    Segment names are parsed like prompts ("Left Lung", "lung, left"); unknown names are skipped (logged).
+    """
+    raw: dict[str, int] = {}
+    params = info.get("params", info) if isinstance(info, dict) else {}
+    if isinstance(params.get("label_info"), list):
+        for entry in params["label_info"]:
+            if isinstance(entry, dict) and "name" in entry and "idx" in entry:
+                raw[str(entry["name"])] = int(entry["idx"])
+    elif isinstance(params.get("label_names"), dict):
+        raw = {str(k): int(v) for k, v in params["label_names"].items()}
+    if not raw:
+        return dict(LABEL_VALUES)
+    out = {}
+    for name, value in raw.items():
+        if name.lower() == "background" or value == 0:
+            continue
+        try:
+            parsed = parse_label(name.replace("_", " "))
+        except UnknownLabelError:
+            logger.warning("label %r (value %d) is not a known structure; ignored for training", name, value)
+            continue
+        if len(parsed) == 1:
+            out[parsed[0].label] = value
+    return out
+
+
+def datastore_items(datastore: Datastore, labels: tuple[str, ...]) -> list[TrainItem]:
+    """Every image with a final label, as engine training items (bad files are logged and skipped)."""
+    items = []
+    for image_id in datastore.get_labeled_images(label_tag="final"):
+        try:
+            image = load_radiograph(datastore.get_image_uri(image_id))
+            label_map = load_mask(datastore.get_label_uri(image_id, "final"), image.shape)
+            values = label_values_from_info(datastore.get_label_info(image_id, "final") or {})
+        except Exception as exc:  # noqa: BLE001 - one bad upload must not stop training on the rest
+            logger.warning("skipping %s for training: %s", image_id, exc)
+            continue
+        masks = {lab: label_map == v for lab, v in values.items() if lab in labels and (label_map == v).any()}
+        if masks:
+            items.append(TrainItem(image_id, image, masks))
+    return items
+
+
+class AdapterTrainer(TrainTask):
+    def __init__(self, app, store: AdapterStore, labels: tuple[str, ...], min_images: int = 2):
+        super().__init__("Retrain the text-prompted adapter (encoder LoRA on GPU, head + decoder on CPU) "
+                         "from the saved final labels; promoted only when validation Dice is not worse")
+        self.app = app
+        self.store = store
+        self.labels = labels
+        self.min_images = min_images
+
+    def config(self) -> dict[str, Any]:
+        o = self.app.options
+        return {"epochs": o.train_epochs, "mode": o.train_mode, "time_budget_min": float(o.train_time_budget_min),
+                "val_fraction": 0.2, "seed": 0}
+
+    def stats(self) -> dict[str, Any]:
+        path = self.store.root / STATS_FILE
+        if not path.is_file():
+            return {"current_adapter": self.store.current()}
+        try:
+            stats = json.loads(path.read_text())
+        except ValueError:
+            stats = {}
+        stats["current_adapter"] = self.store.current()
+        return stats
+
+    def _write_stats(self, stats: dict) -> None:
+        write_atomic(self.store.root / STATS_FILE, json.dumps(stats, indent=2).encode())
+
+    def __call__(self, request: dict[str, Any], datastore: Datastore) -> dict[str, Any]:
+        t0 = time.time()
+        conf = {**self.config(), **{k: v for k, v in request.items() if k in self.config()}}
+        removed = self.store.cleanup_partial()
+        if removed:
+            logger.info("removed debris of an interrupted run: %s", removed)
+        items = datastore_items(datastore, self.labels)
+        if len(items) < self.min_images:
+            msg = f"need at least {self.min_images} images with final labels to train, have {len(items)}"
+            logger.warning(msg)
+            self._write_stats({"status": "skipped", "reason": msg, "time": time.strftime("%Y-%m-%d %H:%M:%S")})
+            return {"status": "skipped", "reason": msg}
+        cfg = TrainConfig(mode=str(conf["mode"]), epochs=int(conf["epochs"]), seed=int(conf["seed"]),
+                          val_fraction=float(conf["val_fraction"]), device=self.app.options.device,
+                          time_budget_s=float(conf["time_budget_min"]) * 60 or None, patience=8)
+        train_items, val_items = split_items(items, cfg.val_fraction, cfg.seed, cfg.min_val_images)
+        version_path = self.store.new_version_path()
+        stats = {"status": "running", "version": version_path.name, "epoch": 0, "total_epochs": cfg.epochs,
+                 "best_metric": 0.0, "train_images": len(train_items), "val_images": len(val_items),
+                 "start_ts": time.strftime("%Y-%m-%d %H:%M:%S")}
+        self._write_stats(stats)
+        logger.info("training %s on %d images (%d for validation)", version_path.name, len(items), len(val_items))
+
+        def progress(info: dict) -> None:
+            if info.get("event") == "epoch":
+                stats.update(epoch=info["epoch"], best_metric=round(max(info["best"], 0.0), 4),
+                             loss=round(info["loss"], 4), mode=info["mode"],
+                             val_dice={k: round(v, 4) for k, v in info["val_dice"].items()})
+            else:
+                stats.update(phase=info.get("phase"), done=info.get("done"), total=info.get("total"))
+            self._write_stats(stats)
+
+        predictor = self.app.predictor
+        predictor.unload_adapter()  # train from the base weights, never on top of a loaded adapter
+        meta = train_adapter(train_items, version_path, backbone=predictor.backbone,
+                             text_encoder=predictor.text_encoder, labels=self.labels, cfg=cfg, val_items=val_items,
+                             progress=progress, log_path=self.store.root / "logs" / f"{version_path.name}.jsonl",
+                             extra_metadata={"trigger": request.get("trigger", "request")})
+        cand = meta["validation"]["dice_mean"]
+        current = self.store.current()
+        cur_dice = None
+        if current and val_items:
+            # the current adapter on the *same* validation images (it may have seen them in training:
+            # that only makes the gate stricter for the candidate)
+            predictor.load_adapter(self.store.path(current))
+            cur = validate(predictor, val_items, tuple(meta["labels"]))
+            predictor.unload_adapter()
+            cur_dice = cur["dice_mean"]
+        promoted, why = self.store.promote(version_path.name, cand, cur_dice)
+        logger.info(why)
+        stats.update(status="done", promoted=promoted, decision=why, best_metric=round(cand, 4),
+                     val_dice=meta["validation"]["dice"], current_val_dice=cur_dice, mode=meta["mode"],
+                     seconds=round(time.time() - t0, 1), end_ts=time.strftime("%Y-%m-%d %H:%M:%S"))
+        self._write_stats(stats)
+        return {"version": version_path.name, "promoted": promoted, "decision": why,
+                "val_dice": meta["validation"]["dice"], "val_dice_mean": float(np.round(cand, 4))}
