@@ -82,3 +82,12 @@ def _multipart(response) -> dict[str, bytes]:
         name = head.split(b'name="')[1].split(b'"')[0].decode()
         out[name] = body[:-2] if body.endswith(b"\r\n") else body
     return out
+
+
+def test_active_learning_uncertainty(server):
+    r = server.client.post("/activelearning/uncertainty", json={})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["id"] in ("chest_000", "chest_001", "limb_000")
+    assert 0.0 <= body["uncertainty"] <= 1.0 and body["scored"] == 3
+    assert server.client.post("/activelearning/first", json={}).json()["id"] == "chest_000"

@@ -123,4 +123,11 @@ class XrayTextSegApp(MONAILabelApp):
         from monailabel.tasks.activelearning.first import First
         from monailabel.tasks.activelearning.random import Random
 
-        return {"random": Random(), "first": First()}
+        from lib.strategies import Uncertainty
+
+        return {"uncertainty": Uncertainty(self), "random": Random(), "first": First()}
+
+    def init_scoring_methods(self):
+        from lib.strategies import UncertaintyScoring
+
+        return {"xray_textseg_uncertainty": UncertaintyScoring(self)}
