@@ -94,3 +94,25 @@ def test_saved_labels_trigger_training_and_promotion(server):
     adapted = [infer_dice(server, c) for c in HELD_OUT]
     assert all(p["mode"] == "adapter" and p["adapter"] == "v0001" for _, p in adapted)
     assert np.mean([d for d, _ in adapted]) > np.mean([d for d, _ in zero_shot])
+
+
+def test_stopping_a_run_keeps_the_current_adapter(server):
+    """DELETE /train/ kills the training subprocess mid-run: v0001 stays current and complete."""
+    r = server.client.post("/train/xray_textseg_train", json={"epochs": 50, "trigger": "test"})
+    assert r.status_code == 200, r.text
+    deadline = time.time() + 600
+    while time.time() < deadline:
+        stats = server.client.get("/info/").json()["train_stats"]["xray_textseg_train"]
+        if stats.get("status") == "running" and stats.get("version") == "v0002":
+            break
+        time.sleep(1)
+    assert stats.get("status") == "running", stats
+    time.sleep(3)
+    r = server.client.delete("/train/")
+    assert r.status_code == 200, r.text
+    time.sleep(3)
+    root = server.root / "adapters"
+    assert json.loads((root / "current.json").read_text())["current"] == "v0001"
+    assert not (root / "v0002").exists()
+    _, params = infer_dice(server, HELD_OUT[0])
+    assert params["adapter"] == "v0001"
