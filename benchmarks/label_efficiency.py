@@ -1,0 +1,148 @@
+"""Label-efficiency benchmark: text+adapter Dice against the number of training images.
+
+For each data set (a folder like ``../shared/xray_real/jsrt_chest``), each split seed and each k,
+k images are drawn for training (the adapter's own validation split is taken out of them) and the
+images never drawn for any k of that seed form the test set. Reported per label, on the test set:
+zero-shot (prior boxes), oracle box (ground-truth boxes, the ceiling of box prompting) and text +
+adapter. Writes JSON, a Markdown table and a plot.
+
+    python benchmarks/label_efficiency.py --data ../shared/xray_real/jsrt_chest ../shared/xray_real/oai_lower_limb \
+        --k 5 10 20 30 --seeds 0 1 --out docs/label_efficiency [--device cuda] [--test-limit 10]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "lib"))
+
+from xray_textseg.backbones import build_backbone, resolve_device  # noqa: E402
+from xray_textseg.evaluation import evaluate_folder, list_cases  # noqa: E402
+from xray_textseg.predictor import Predictor  # noqa: E402
+from xray_textseg.text import TextEncoder  # noqa: E402
+from xray_textseg.train import TrainConfig, load_folder, train_adapter  # noqa: E402
+
+
+def labels_of(data: Path) -> tuple[str, ...]:
+    return tuple(sorted(p.name for p in (data / "labels").iterdir() if p.is_dir()))
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--data", nargs="+", required=True)
+    ap.add_argument("--k", nargs="+", type=int, default=[5, 10, 20, 30])
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
+    ap.add_argument("--out", default="docs/label_efficiency")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--mode", default="auto", help="training mode: auto | lora | cached")
+    ap.add_argument("--epochs", type=int, default=40)
+    ap.add_argument("--time-budget", type=float, default=None, help="training minutes per adapter")
+    ap.add_argument("--test-limit", type=int, default=None, help="evaluate on at most N test images")
+    ap.add_argument("--skip-baselines", action="store_true")
+    args = ap.parse_args(argv)
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    device = resolve_device(args.device)
+    backbone = build_backbone(device=device)
+    encoder = TextEncoder(device=device)
+    rows = []
+    for data in map(Path, args.data):
+        labels = labels_of(data)
+        cases = [c[0] for c in list_cases(data)]
+        for seed in args.seeds:
+            order = cases[:]
+            random.Random(seed).shuffle(order)
+            kmax = max(args.k)
+            if kmax >= len(order):
+                raise SystemExit(f"k={kmax} leaves no test images in {data} ({len(order)} cases)")
+            test = sorted(order[kmax:])[: args.test_limit or None]
+            predictor = Predictor(backbone, labels=labels, text_encoder=encoder, cache_size=0)
+            if not args.skip_baselines:
+                for mode in ("zero-shot", "oracle-box"):
+                    rep = evaluate_folder(predictor, data, mode=mode, names=test, hd95=False)
+                    for lab, s in rep["per_label"].items():
+                        rows.append({"data": data.name, "seed": seed, "k": 0, "method": mode, "label": lab,
+                                     "dice": s["dice_mean"], "n_test": s["n"]})
+                    print(f"{data.name} seed {seed} {mode}: "
+                          + " ".join(f"{lab}={s['dice_mean']:.3f}" for lab, s in rep["per_label"].items()), flush=True)
+            for k in args.k:
+                train_names = order[:k]
+                items = load_folder(data, labels, names=train_names)
+                cfg = TrainConfig(mode=args.mode, epochs=args.epochs, seed=seed, device=str(device),
+                                  time_budget_s=args.time_budget * 60 if args.time_budget else None)
+                adapter = out / "adapters" / f"{data.name}_s{seed}_k{k}_{int(time.time())}"
+                t0 = time.perf_counter()
+                meta = train_adapter(items, adapter, backbone=backbone, text_encoder=encoder, labels=labels, cfg=cfg,
+                                     log_path=adapter.parent / f"{adapter.name}.jsonl")
+                train_s = time.perf_counter() - t0
+                predictor.load_adapter(adapter)
+                rep = evaluate_folder(predictor, data, mode="text", names=test, hd95=False)
+                predictor.unload_adapter()
+                for lab, s in rep["per_label"].items():
+                    rows.append({"data": data.name, "seed": seed, "k": k, "method": "text+adapter", "label": lab,
+                                 "dice": s["dice_mean"], "n_test": s["n"], "train_s": round(train_s, 1),
+                                 "mode": meta["mode"], "device": meta["device"]})
+                print(f"{data.name} seed {seed} k={k} text+adapter ({meta['mode']}, {train_s:.0f} s): "
+                      + " ".join(f"{lab}={s['dice_mean']:.3f}" for lab, s in rep["per_label"].items()), flush=True)
+                (out / "results.json").write_text(json.dumps(rows, indent=2))
+    (out / "results.json").write_text(json.dumps(rows, indent=2))
+    table = markdown(rows)
+    (out / "results.md").write_text(table)
+    print(table)
+    plot(rows, out / "label_efficiency.png")
+    return 0
+
+
+def markdown(rows: list[dict]) -> str:
+    lines = ["| data | label | zero-shot | oracle box | " + " | ".join(
+        f"k={k}" for k in sorted({r["k"] for r in rows if r["k"]})) + " |"]
+    ks = sorted({r["k"] for r in rows if r["k"]})
+    lines.append("|---" * (4 + len(ks)) + "|")
+    for data in sorted({r["data"] for r in rows}):
+        for lab in sorted({r["label"] for r in rows if r["data"] == data}):
+            def mean(method, k=0):
+                v = [r["dice"] for r in rows if r["data"] == data and r["label"] == lab and r["method"] == method
+                     and r["k"] == k]
+                return f"{np.mean(v):.3f}" if v else "-"
+            lines.append(f"| {data} | {lab} | {mean('zero-shot')} | {mean('oracle-box')} | "
+                         + " | ".join(mean("text+adapter", k) for k in ks) + " |")
+    return "\n".join(lines) + "\n\nMean test Dice over split seeds; k = training images (adapter validation taken from them).\n"
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    datasets = sorted({r["data"] for r in rows})
+    fig, axes = plt.subplots(1, len(datasets), figsize=(6 * len(datasets), 4), squeeze=False)
+    for ax, data in zip(axes[0], datasets):
+        for i, lab in enumerate(sorted({r["label"] for r in rows if r["data"] == data})):
+            ks = sorted({r["k"] for r in rows if r["data"] == data and r["k"]})
+            ys = [np.mean([r["dice"] for r in rows if r["data"] == data and r["label"] == lab and r["k"] == k
+                           and r["method"] == "text+adapter"]) for k in ks]
+            c = plt.get_cmap("tab10")(i)
+            ax.plot(ks, ys, "o-", color=c, label=lab)
+            oracle = [r["dice"] for r in rows if r["data"] == data and r["label"] == lab and r["method"] == "oracle-box"]
+            if oracle:
+                ax.axhline(np.mean(oracle), color=c, ls="--", lw=0.8)
+        ax.set_title(f"{data}: text+adapter (dashed: oracle box zero-shot)")
+        ax.set_xlabel("training images")
+        ax.set_ylabel("test Dice")
+        ax.set_ylim(0, 1)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
