@@ -91,3 +91,17 @@ def test_active_learning_uncertainty(server):
     assert body["id"] in ("chest_000", "chest_001", "limb_000")
     assert 0.0 <= body["uncertainty"] <= 1.0 and body["scored"] == 3
     assert server.client.post("/activelearning/first", json={}).json()["id"] == "chest_000"
+
+
+def test_box_refinement_and_bad_box(server):
+    box = [280, 60, 480, 420]  # around the patient's left lung (image right) of chest_000
+    r = server.client.post("/infer/xray_textseg", params={"image": "chest_000", "output": "json"},
+                           data={"params": json.dumps({"prompt": "left lung", "box": box})})
+    assert r.status_code == 200, r.text
+    assert r.json()["boxes"]["left_lung"] == [280.0, 60.0, 480.0, 420.0]
+    r = server.client.post("/infer/xray_textseg", params={"image": "chest_000"},
+                           data={"params": json.dumps({"prompt": "left lung", "box": [5, 5, 1]})})
+    assert r.status_code == 400 and "box" in r.text
+    r = server.client.post("/infer/xray_textseg", params={"image": "chest_000"},
+                           data={"params": json.dumps({"prompt": "lungs", "box": [1, 1, 50, 50]})})
+    assert r.status_code == 400 and "exactly one" in r.text

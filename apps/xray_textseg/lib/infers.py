@@ -54,6 +54,33 @@ class TextPromptSegmentation(InferTask):
         except Exception as exc:  # noqa: BLE001 - keep serving what we have; say why
             logger.error("cannot load adapter %s (still serving %s): %s", current, self.predictor.mode, exc)
 
+    def _boxes(self, request: dict[str, Any], prompt: str) -> dict[str, list[float]] | None:
+        """Optional refinement: ``box`` = [x0, y0, x1, y1] (image pixels) for a one-label prompt, or
+        ``boxes`` = {label: box}. Malformed boxes are a 400 naming the problem."""
+        from xray_textseg.vocabulary import parse_prompt
+
+        boxes = request.get("boxes")
+        if request.get("box") is not None:
+            labels = parse_prompt(prompt, self.predictor.labels)
+            if len(labels) != 1:
+                raise HTTPException(status_code=400, detail="'box' needs a prompt naming exactly one structure")
+            boxes = {labels[0].label: request["box"]}
+        if not boxes:
+            return None
+        if not isinstance(boxes, dict):
+            raise HTTPException(status_code=400, detail="'boxes' must map a label to [x0, y0, x1, y1]")
+        out = {}
+        for name, box in boxes.items():
+            try:
+                x0, y0, x1, y1 = (float(v) for v in box)
+            except (TypeError, ValueError):
+                raise HTTPException(status_code=400, detail=f"box for {name!r} must be [x0, y0, x1, y1]") from None
+            if not (x1 > x0 and y1 > y0):
+                raise HTTPException(status_code=400, detail=f"box for {name!r} is empty: {box}")
+            label = parse_prompt(str(name).replace("_", " "), self.predictor.labels)[0].label
+            out[label] = [x0, y0, x1, y1]
+        return out
+
     def is_valid(self) -> bool:
         return True
 
@@ -72,7 +99,7 @@ class TextPromptSegmentation(InferTask):
         self.sync_adapter()
         try:
             self.predictor.set_image(image)
-            prediction = self.predictor.predict(prompt)
+            prediction = self.predictor.predict(prompt, boxes=self._boxes(request, prompt))
         except UnknownLabelError as exc:
             raise HTTPException(status_code=400, detail=str(exc)) from exc
 
