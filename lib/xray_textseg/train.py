@@ -101,6 +101,7 @@ class Example:
     x: torch.Tensor | None = None  # (3, S, S) model input (lora mode / re-encoding)
     emb: torch.Tensor | None = None  # (256, 64, 64) cached embedding (cached mode)
     item: int = 0
+    share: tuple | None = None  # examples with the same key have the same input: encoded once
 
 
 @dataclass
@@ -222,10 +223,11 @@ def augment(ex: Example, rng: np.random.Generator, res: int) -> Example:
     # intensity
     x = x.clamp(0, 1) ** float(np.exp(rng.uniform(-0.25, 0.25)))
     x = (x - 0.5) * rng.uniform(0.85, 1.15) + 0.5 + rng.uniform(-0.08, 0.08)
-    x = x + float(rng.uniform(0, 0.03)) * torch.randn_like(x)
+    noise = torch.from_numpy(rng.standard_normal(x.shape).astype(np.float32))
+    x = x + float(rng.uniform(0, 0.03)) * noise
     lo, hi = x.amin(), x.amax()
     x = ((x - lo) / torch.clamp(hi - lo, min=1e-6)).expand(3, size, size).contiguous()
-    return Example(ex.label, ex.kind, box, target, x=x, item=ex.item)
+    return Example(ex.label, ex.kind, box, target, x=x, item=ex.item, share=ex.share)
 
 
 # --- model ---------------------------------------------------------------------------------------------
@@ -291,17 +293,23 @@ class Trainer:
     # --- examples ---
     def _examples(self, items: list[TrainItem], priors: PriorBoxes, rng: np.random.Generator, train: bool,
                   variants: int = 1) -> list[Example]:
+        """Coarse examples of one image share one augmentation (same seed) and so one input and, in
+        cached mode, one encode; fine examples each get their own crop and augmentation."""
         out = []
         for i, it in enumerate(items):
-            for lab in it.labels:
-                if lab not in self.labels:
-                    continue
-                for kind in ("coarse", "fine"):
-                    for _ in range(variants):
+            for v in range(variants):
+                coarse_seed = int(rng.integers(2**31))
+                for lab in it.labels:
+                    if lab not in self.labels:
+                        continue
+                    for kind in ("coarse", "fine"):
                         ex = draw_example(it, lab, kind, rng, priors, self.backbone, self.cfg, self.res, train=train)
                         if train and self.cfg.augment:
-                            ex = augment(ex, rng, self.res)
+                            ex = augment(ex, np.random.default_rng(coarse_seed) if kind == "coarse" else rng,
+                                         self.res)
                         ex.item = i
+                        if kind == "coarse":
+                            ex.share = (i, v)
                         out.append(ex)
         return out
 
@@ -309,18 +317,24 @@ class Trainer:
     def _encode_all(self, examples: list[Example], what: str) -> None:
         t0 = time.perf_counter()
         bs = 16 if self.device.type == "cuda" else 4
-        for k in range(0, len(examples), bs):
-            chunk = examples[k:k + bs]
-            x = torch.stack([e.x for e in chunk]).to(self.device)
+        groups: dict = {}
+        for n, e in enumerate(examples):  # one encode per distinct input
+            groups.setdefault(e.share if e.share is not None else ("own", n), []).append(e)
+        unique = list(groups.values())
+        for k in range(0, len(unique), bs):
+            chunk = unique[k:k + bs]
+            x = torch.stack([g[0].x for g in chunk]).to(self.device)
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
                 emb = self.backbone.encode(x)
-            for e, v in zip(chunk, emb):
-                e.emb = v.to(torch.float16 if self.device.type == "cpu" else v.dtype).detach()
-                e.x = None
-            self.progress({"phase": f"encoding {what}", "done": min(k + bs, len(examples)), "total": len(examples)})
+            for g, v in zip(chunk, emb):
+                v = v.to(torch.float16 if self.device.type == "cpu" else v.dtype).detach()
+                for e in g:
+                    e.emb, e.x = v, None
+            self.progress({"phase": f"encoding {what}", "done": min(k + bs, len(unique)), "total": len(unique)})
             if self.should_stop():
                 raise _Stop()
-        logger.info("encoded %d %s examples in %.1f s", len(examples), what, time.perf_counter() - t0)
+        logger.info("encoded %d %s inputs for %d examples in %.1f s", len(unique), what, len(examples),
+                    time.perf_counter() - t0)
 
     def _text(self, examples: list[Example], rng: np.random.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
         phrases = [self.phrases[e.label][int(rng.integers(len(self.phrases[e.label])))] if rng is not None
