@@ -46,14 +46,28 @@ def main(argv=None) -> int:
     ap.add_argument("--time-budget", type=float, default=None, help="training minutes per adapter")
     ap.add_argument("--test-limit", type=int, default=None, help="evaluate on at most N test images")
     ap.add_argument("--skip-baselines", action="store_true")
+    ap.add_argument("--adapters", default="runs/label_efficiency",
+                    help="where the trained adapters go (kept out of docs/)")
+    ap.add_argument("--resume", action="store_true",
+                    help="keep the rows already in OUT/results.json and skip what they cover")
     args = ap.parse_args(argv)
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    results = out / "results.json"
+    rows = json.loads(results.read_text()) if args.resume and results.exists() else []
+
+    def done(data, seed, k, method):
+        return any(r["data"] == data and r["seed"] == seed and r["k"] == k and r["method"] == method for r in rows)
+
+    def save():
+        tmp = results.with_suffix(".tmp")
+        tmp.write_text(json.dumps(rows, indent=2))
+        tmp.replace(results)
+
     device = resolve_device(args.device)
     backbone = build_backbone(device=device)
     encoder = TextEncoder(device=device)
-    rows = []
     for data in map(Path, args.data):
         labels = labels_of(data)
         cases = [c[0] for c in list_cases(data)]
@@ -67,18 +81,23 @@ def main(argv=None) -> int:
             predictor = Predictor(backbone, labels=labels, text_encoder=encoder, cache_size=0)
             if not args.skip_baselines:
                 for mode in ("zero-shot", "oracle-box"):
+                    if done(data.name, seed, 0, mode):
+                        continue
                     rep = evaluate_folder(predictor, data, mode=mode, names=test, hd95=False)
                     for lab, s in rep["per_label"].items():
                         rows.append({"data": data.name, "seed": seed, "k": 0, "method": mode, "label": lab,
                                      "dice": s["dice_mean"], "n_test": s["n"]})
                     print(f"{data.name} seed {seed} {mode}: "
                           + " ".join(f"{lab}={s['dice_mean']:.3f}" for lab, s in rep["per_label"].items()), flush=True)
+                    save()
             for k in args.k:
+                if done(data.name, seed, k, "text+adapter"):
+                    continue
                 train_names = order[:k]
                 items = load_folder(data, labels, names=train_names)
                 cfg = TrainConfig(mode=args.mode, epochs=args.epochs, seed=seed, device=str(device),
                                   time_budget_s=args.time_budget * 60 if args.time_budget else None)
-                adapter = out / "adapters" / f"{data.name}_s{seed}_k{k}_{int(time.time())}"
+                adapter = Path(args.adapters) / f"{data.name}_s{seed}_k{k}_{int(time.time())}"
                 t0 = time.perf_counter()
                 meta = train_adapter(items, adapter, backbone=backbone, text_encoder=encoder, labels=labels, cfg=cfg,
                                      log_path=adapter.parent / f"{adapter.name}.jsonl")
@@ -92,8 +111,8 @@ def main(argv=None) -> int:
                                  "mode": meta["mode"], "device": meta["device"]})
                 print(f"{data.name} seed {seed} k={k} text+adapter ({meta['mode']}, {train_s:.0f} s): "
                       + " ".join(f"{lab}={s['dice_mean']:.3f}" for lab, s in rep["per_label"].items()), flush=True)
-                (out / "results.json").write_text(json.dumps(rows, indent=2))
-    (out / "results.json").write_text(json.dumps(rows, indent=2))
+                save()
+    save()
     table = markdown(rows)
     (out / "results.md").write_text(table)
     print(table)

@@ -103,7 +103,7 @@ def test_stopping_a_run_keeps_the_current_adapter(server):
     deadline = time.time() + 600
     while time.time() < deadline:
         stats = server.client.get("/info/").json()["train_stats"]["xray_textseg_train"]
-        if stats.get("status") == "running" and stats.get("version") == "v0002":
+        if stats.get("status") == "running" and stats.get("trigger") == "test":
             break
         time.sleep(1)
     assert stats.get("status") == "running", stats
@@ -114,5 +114,6 @@ def test_stopping_a_run_keeps_the_current_adapter(server):
     root = server.root / "adapters"
     assert json.loads((root / "current.json").read_text())["current"] == "v0001"
     assert not (root / "v0002").exists()
+    assert server.client.get("/info/").json()["train_stats"]["xray_textseg_train"]["status"] == "stopped"
     _, params = infer_dice(server, HELD_OUT[0])
     assert params["adapter"] == "v0001"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import shutil
 
 import nibabel as nib
 import numpy as np
@@ -18,6 +19,7 @@ from xray_textseg.metrics import dice
 def server(tmp_path_factory):
     root = tmp_path_factory.mktemp("e2e")
     studies = copy_studies(root / "studies", ["chest_000.png", "chest_001.png", "limb_000.png"])
+    shutil.copy(SAMPLE / "dicom" / "chest_000_mono1.dcm", studies)  # a DICOM DX study beside the PNGs
     srv = Server(studies, conf={"adapter_dir": str(root / "adapters")})
     try:
         srv.info = srv.wait_ready()
@@ -60,6 +62,22 @@ def test_infer_left_lung(server):
     assert np.nonzero(lm == 1)[1].mean() > 256
 
 
+def test_infer_on_a_dicom_study_keeps_its_geometry(server):
+    """A MONOCHROME1 DICOM DX film (the inverted twin of chest_000): the label map has the film's pixel
+    grid and orientation, the same as for the PNG; the patient's left lung is on the image's right."""
+    r = server.client.post("/infer/xray_textseg", params={"image": "chest_000_mono1", "output": "all"},
+                           data={"params": json.dumps({"prompt": "left lung, heart"})})
+    assert r.status_code == 200, r.text
+    parts = _multipart(r)
+    params = json.loads(parts["params"])
+    lm = read_label_map(parts["image"])
+    assert lm.shape == (512, 512)
+    for lab in ("left_lung", "heart"):
+        truth = load_mask(SAMPLE / "labels" / lab / "chest_000.png", (512, 512)) > 0
+        assert dice(lm == params["label_names"][lab], truth) > 0.5, lab
+    assert np.nonzero(lm == params["label_names"]["left_lung"])[1].mean() > 256
+
+
 def test_infer_bad_requests_are_4xx(server):
     r = server.client.post("/infer/xray_textseg", params={"image": "chest_000"},
                            data={"params": json.dumps({"prompt": "LL"})})
@@ -88,8 +106,8 @@ def test_active_learning_uncertainty(server):
     r = server.client.post("/activelearning/uncertainty", json={})
     assert r.status_code == 200, r.text
     body = r.json()
-    assert body["id"] in ("chest_000", "chest_001", "limb_000")
-    assert 0.0 <= body["uncertainty"] <= 1.0 and body["scored"] == 3
+    assert body["id"] in ("chest_000", "chest_001", "limb_000", "chest_000_mono1")
+    assert 0.0 <= body["uncertainty"] <= 1.0 and body["scored"] == 4
     assert server.client.post("/activelearning/first", json={}).json()["id"] == "chest_000"
 
 

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.train import TrainTask
+from monailabel.utils.async_tasks.utils import processes
 
 from xray_textseg.adapters import AdapterStore
 from xray_textseg.io import load_mask, load_radiograph, write_atomic
@@ -101,6 +102,9 @@ class AdapterTrainer(TrainTask):
             stats = json.loads(path.read_text())
         except ValueError:
             stats = {}
+        if stats.get("status") == "running" and not processes("train"):
+            # the run's subprocess is gone without writing "done": stopped (DELETE /train/) or killed
+            stats["status"] = "stopped"
         stats["current_adapter"] = self.store.current()
         return stats
 
@@ -126,7 +130,7 @@ class AdapterTrainer(TrainTask):
         version_path = self.store.new_version_path()
         stats = {"status": "running", "version": version_path.name, "epoch": 0, "total_epochs": cfg.epochs,
                  "best_metric": 0.0, "train_images": len(train_items), "val_images": len(val_items),
-                 "start_ts": time.strftime("%Y-%m-%d %H:%M:%S")}
+                 "trigger": request.get("trigger", "request"), "start_ts": time.strftime("%Y-%m-%d %H:%M:%S")}
         self._write_stats(stats)
         logger.info("training %s on %d images (%d for validation)", version_path.name, len(items), len(val_items))
 
