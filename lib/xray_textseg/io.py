@@ -137,7 +137,8 @@ def radiograph_from_array(array: np.ndarray) -> Radiograph:
 
 
 def save_mask(mask: np.ndarray, path: str | os.PathLike, like: Radiograph | None = None) -> Path:
-    """Write a uint8 (H, W) label map (0 background, 1..N labels) as ``.png``, ``.nii`` or ``.nii.gz``.
+    """Write a uint8 (H, W) label map (0 background, 1..N labels) as ``.png``, ``.nii``, ``.nii.gz`` or
+    ``.nrrd`` (raw, what OHIF's MONAI Label panel reads).
 
     NIfTI masks get ``like``'s own affine when the image was a NIfTI, otherwise ``diag(-sx, -sy, 1, 1)``
     (pixel spacing or 1 mm): the geometry Slicer gives a PNG/DICOM film, so the mask overlays it there.
@@ -155,8 +156,10 @@ def save_mask(mask: np.ndarray, path: str | os.PathLike, like: Radiograph | None
         data = _nifti_mask_bytes(labels, like)
     elif name.endswith(".png"):
         data = _png_bytes(labels)
+    elif name.endswith(".nrrd"):
+        data = _nrrd_mask_bytes(labels, like)
     else:
-        raise ValueError(f"{out}: unsupported mask format (use .png, .nii or .nii.gz)")
+        raise ValueError(f"{out}: unsupported mask format (use .png, .nii, .nii.gz or .nrrd)")
     write_atomic(out, data)
     return out
 
@@ -516,6 +519,31 @@ def _nifti_mask_bytes(labels: np.ndarray, like: Radiograph | None) -> bytes:
     img.set_sform(affine, code=1)
     img.header.set_xyzt_units("mm")
     return img.to_bytes()
+
+
+def _nrrd_mask_bytes(labels: np.ndarray, like: Radiograph | None) -> bytes:
+    """An NRRD of sizes (X, Y, 1), uint8, raw: the same plane and geometry as :func:`_nifti_mask_bytes`,
+    in LPS. The data is the (H, W) map row by row for PNG/DICOM films, which is also the order OHIF copies
+    into its labelmap without reading the header."""
+    if like is not None and like.nifti_affine is not None:
+        affine = np.asarray(like.nifti_affine, dtype=np.float64)
+        plane = _from_display(labels, affine)
+    else:
+        row_mm, col_mm = like.pixel_spacing if like is not None and like.pixel_spacing else (1.0, 1.0)
+        affine = np.diag([-col_mm, -row_mm, 1.0, 1.0])
+        plane = np.ascontiguousarray(labels.T)
+    lps = np.diag([-1.0, -1.0, 1.0, 1.0]) @ affine
+
+    def vec(v) -> str:
+        return "(" + ",".join(f"{float(x):.10g}" for x in v) + ")"
+
+    header = ("NRRD0004\n# xray_textseg label map\ntype: uint8\ndimension: 3\n"
+              "space: left-posterior-superior\n"
+              f"sizes: {plane.shape[0]} {plane.shape[1]} 1\n"
+              f"space directions: {vec(lps[:3, 0])} {vec(lps[:3, 1])} {vec(lps[:3, 2])}\n"
+              "kinds: domain domain domain\nendian: little\nencoding: raw\n"
+              f"space origin: {vec(lps[:3, 3])}\n\n")
+    return header.encode("ascii") + np.ascontiguousarray(plane.T, dtype=np.uint8).tobytes()
 
 
 # --- DICOM -----------------------------------------------------------------------------------------------

@@ -104,7 +104,9 @@ class TextPromptSegmentation(InferTask):
             raise HTTPException(status_code=400, detail=str(exc)) from exc
 
         label_map = prediction.label_map_with_values(LABEL_VALUES)
-        fd, out = tempfile.mkstemp(suffix=".nii.gz", prefix="xray_textseg_")
+        # NIfTI, or the raw NRRD OHIF's MONAI Label panel asks for (result_extension ".nrrd")
+        suffix = ".nrrd" if str(request.get("result_extension") or "").lower() == ".nrrd" else ".nii.gz"
+        fd, out = tempfile.mkstemp(suffix=suffix, prefix="xray_textseg_")
         os.close(fd)
         save_mask(label_map, out, like=image)
         params = {
