@@ -92,3 +92,73 @@ def test_right_lung_on_a_real_jsrt_film(fresh_predictor):
     mask = fresh_predictor.predict("right lung").mask("right_lung")
     assert dice(mask, truth_r) > 0.5
     assert dice(mask, truth_l) < 0.1
+
+
+def _adapter(tmp_path, predictor, name: str, lora: bool):
+    """A valid adapter written with the real ``save_adapter`` without training: an untrained head marked usable,
+    the base decoder and, with ``lora``, a fresh (zero-initialised) encoder LoRA. Its predictions mean nothing;
+    it exercises loading and the cache keys."""
+    import copy
+
+    from xray_textseg.adapters import lora_encoder, save_adapter
+    from xray_textseg.text import PromptHead
+
+    enc = predictor.text_encoder
+    head = PromptHead(enc.dim, n_tokens=4, hidden=64)
+    head.trained.fill_(True)
+    peft = lora_encoder(copy.deepcopy(predictor.backbone.image_encoder)) if lora else None
+    meta = {"backbone": predictor.backbone.name, "text_encoder": enc.name, "text_dim": enc.dim, "n_tokens": 4,
+            "head_hidden": 64, "labels": ["heart", "left_lung"]}
+    return save_adapter(tmp_path / name, head=head, decoder=predictor.backbone.mask_decoder, encoder_peft=peft,
+                        priors=predictor.priors.to_json(), metadata=meta)
+
+
+def test_cache_follows_the_encoder_across_adapter_changes(fresh_predictor, tmp_path):
+    """Embeddings are reused while the image encoder is unchanged (no adapter, or a head/decoder-only adapter)
+    and recomputed when an adapter changes the encoder (LoRA); unloading it hits the base entries again."""
+    p = fresh_predictor
+    p.set_image(SAMPLE / "images" / "chest_001.png")
+    assert p.predict("heart", refine=False).cache == {"hits": 0, "misses": 1}
+    p.load_adapter(_adapter(tmp_path, p, "head_only", lora=False))
+    pred = p.predict("heart", refine=False)
+    assert pred.mode == "adapter" and pred.cache == {"hits": 1, "misses": 0}
+    p.load_adapter(_adapter(tmp_path, p, "with_lora", lora=True))
+    assert p.encoder_version == "with_lora"
+    assert p.predict("heart", refine=False).cache == {"hits": 0, "misses": 1}  # new encoder: re-encoded
+    assert p.predict("left lung", refine=False).cache == {"hits": 1, "misses": 0}  # and cached under it
+    p.unload_adapter()
+    pred = p.predict("heart", refine=False)
+    assert pred.mode == "zero-shot" and pred.cache == {"hits": 1, "misses": 0}
+
+
+def test_batched_fine_pass_matches_one_crop_at_a_time(fresh_predictor):
+    """The fine pass batched (crops encoded together, one decoder call for all labels and tiles) gives the
+    masks, boxes and scores of the original one-crop-at-a-time loop; a repeated request hits every crop."""
+    p = fresh_predictor
+    p.set_image(SAMPLE / "images" / "limb_000.png")  # femur and tibia: long boxes, several tiles each
+    try:
+        p.batch_fine = False
+        one = p.predict("femur, tibia")
+        p.cache.clear()
+        p.batch_fine = True
+        batched = p.predict("femur, tibia")
+    finally:
+        p.batch_fine = True
+    n = batched.cache["misses"]
+    assert n == one.cache["misses"] and n >= 3  # whole film + at least one crop per label
+    for a, b in zip(one.results, batched.results):
+        assert a.label == b.label and a.box == b.box
+        assert dice(a.mask, b.mask) > 0.999
+        assert b.score == pytest.approx(a.score, abs=1e-4)
+    assert p.predict("femur, tibia").cache == {"hits": n, "misses": 0}
+
+
+def test_reduced_precision_needs_cuda(predictor):
+    from xray_textseg.predictor import Predictor
+
+    if predictor.backbone.device.type == "cuda":
+        pytest.skip("CPU predictor only")
+    with pytest.raises(ValueError, match="CUDA"):
+        Predictor(predictor.backbone, precision="bf16")
+    with pytest.raises(ValueError, match="unknown precision"):
+        Predictor(predictor.backbone, precision="fp8")

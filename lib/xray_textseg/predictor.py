@@ -10,7 +10,13 @@ Zero-shot path (no adapter yet), per label, coarse to fine:
    the crop gives it the full input.
 
 Every embedding (whole film or crop) is cached by (pixels, backbone weights, adapter version,
-view), so further prompts on the same image only pay for decoding.
+precision, view), so further prompts on the same image only pay for decoding.
+
+Speed (see ``docs/performance.md`` and ``benchmarks/inference.py``): all prompts of a request share
+one coarse decoder pass; the fine pass encodes the crops that are not cached in batches
+(``encode_batch``) and decodes all crops of all labels in one decoder call (``batch_fine``; LiteMedSAM's
+decoder takes (embedding, prompt) pairs, segment_anything's ViT-B decoder one image at a time).
+``precision`` "bf16" / "tf32" trade exactness for GPU speed and are off by default.
 """
 
 from __future__ import annotations
@@ -28,6 +34,8 @@ from .io import Radiograph, load_radiograph, radiograph_from_array
 from .priors import PriorBoxes
 from .transforms import View, largest_component, mask_box
 from .vocabulary import ALL_LABELS, ParsedLabel, parse_prompt
+
+PRECISIONS = ("fp32", "tf32", "bf16")
 
 
 @dataclass
@@ -76,7 +84,26 @@ class Predictor:
     def __init__(self, backbone: Backbone, priors: PriorBoxes | None = None, cache_size: int = 32,
                  labels: tuple[str, ...] = ALL_LABELS, refine: bool = True, crop_margin: float = 0.15,
                  max_tile_aspect: float = 2.0, coarse_grow: float = 0.15, text_encoder=None,
-                 text_encoder_path: str | None = None):
+                 text_encoder_path: str | None = None, batch_fine: bool = True, encode_batch: int | None = None,
+                 precision: str = "fp32"):
+        """``batch_fine``: encode the fine crops of a request in batches and decode them in one pass (False:
+        one crop at a time, the original loop). ``encode_batch``: crops per encoder call (default 16 on CUDA,
+        4 for LiteMedSAM on CPU, 1 for ViT-B on CPU where one 1024 px image already needs ~1 GB).
+        ``precision``: "fp32" (default, exact), "tf32" (TF32 matmuls/convolutions, CUDA) or "bf16"
+        (bfloat16 autocast of encoder and decoder, CUDA)."""
+        if precision not in PRECISIONS:
+            raise ValueError(f"unknown precision {precision!r}; use one of {', '.join(PRECISIONS)}")
+        if precision != "fp32" and backbone.device.type != "cuda":
+            raise ValueError(f"precision {precision!r} needs a CUDA device (this predictor runs on "
+                             f"{backbone.device}); use fp32")
+        if precision == "tf32":  # process-wide switches: they are how PyTorch exposes TF32
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        self.precision = precision
+        self.batch_fine = batch_fine
+        if encode_batch is None:
+            encode_batch = 16 if backbone.device.type == "cuda" else (4 if backbone.input_size <= 256 else 1)
+        self.encode_batch = max(1, int(encode_batch))
         self.backbone = backbone
         self.priors = priors or PriorBoxes()
         self.cache = EmbeddingCache(cache_size)
@@ -112,7 +139,7 @@ class Predictor:
         return image
 
     def _cache_key(self, view: View) -> tuple:
-        return (self._hash, self.backbone.weights_id, self.encoder_version, view.key())
+        return (self._hash, self.backbone.weights_id, self.encoder_version, self.precision, view.key())
 
     # --- adapters ----------------------------------------------------------------------------------
     @property
@@ -180,13 +207,43 @@ class Predictor:
         dev = self.backbone.device
         return self.head(emb.to(dev), sides.to(dev))
 
+    def _autocast(self):
+        return torch.autocast(self.backbone.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16")
+
+    @torch.inference_mode()
+    def _encode(self, x: torch.Tensor) -> torch.Tensor:
+        with self._autocast():
+            return self.backbone.encode(x).float()
+
     @torch.inference_mode()
     def embedding(self, view: View) -> tuple[torch.Tensor, bool]:
         """The (1, 256, 64, 64) embedding of ``view`` of the current image, from the cache when possible."""
         assert self._image is not None, "call set_image first"
         pixels = self._image.pixels
-        return self.cache.get_or_compute(self._cache_key(view),
-                                         lambda: self.backbone.encode(view.model_input(pixels)))
+        return self.cache.get_or_compute(self._cache_key(view), lambda: self._encode(view.model_input(pixels)))
+
+    @torch.inference_mode()
+    def embeddings(self, views: list[View]) -> list[torch.Tensor]:
+        """Embeddings (1, 256, 64, 64) of several views of the current image: cached ones from the cache, the
+        others encoded ``encode_batch`` at a time (each distinct view once) and cached."""
+        assert self._image is not None, "call set_image first"
+        pixels = self._image.pixels
+        keys = [self._cache_key(v) for v in views]
+        missing = list(dict.fromkeys(k for k in keys if k not in self.cache))
+        by_key = dict(zip(keys, views))
+        fresh: dict = {}
+        for i in range(0, len(missing), self.encode_batch):
+            chunk = missing[i:i + self.encode_batch]
+            emb = self._encode(torch.cat([by_key[k].model_input(pixels) for k in chunk]))
+            fresh.update((k, emb[j:j + 1]) for j, k in enumerate(chunk))
+        out = []
+        for k in keys:  # counts hits and misses; the fallback only runs if an entry vanished meanwhile
+            value = fresh.pop(k, None)
+            emb, _ = self.cache.get_or_compute(
+                k, (lambda v=value: v) if value is not None else
+                (lambda k=k: self._encode(by_key[k].model_input(pixels))))
+            out.append(emb)
+        return out
 
     def coarse_view(self) -> View:
         """The whole film. Very elongated films (long-leg, 1:8) are stretched, letterboxing would leave the
@@ -202,9 +259,51 @@ class Predictor:
                       tokens: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, bool]:
         emb, hit = self.embedding(view)
         model_boxes = torch.from_numpy(view.box_to_model(boxes))
-        sparse, dense = self.backbone.prompt_embeddings(len(boxes), boxes=model_boxes, tokens=tokens)
-        logits, iou = self.backbone.decode(emb, sparse, dense)
+        with self._autocast():
+            sparse, dense = self.backbone.prompt_embeddings(len(boxes), boxes=model_boxes, tokens=tokens)
+            logits, iou = self.backbone.decode(emb, sparse, dense)
         return logits.float().cpu(), iou.float().cpu(), hit
+
+    @torch.inference_mode()
+    def _decode_views(self, views: list[View], boxes: list[np.ndarray],
+                      tokens: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """One box per view (its own embedding): logits (N, 1, R, R) and IoU (N,). LiteMedSAM decodes all
+        (embedding, prompt) pairs in one call; segment_anything's decoder repeats one embedding for all its
+        prompts, so ViT-B decodes view by view. ``tokens`` (N, T, 256) are the text tokens per view."""
+        embs = self.embeddings(views)
+        model_boxes = torch.from_numpy(np.stack([v.box_to_model(b[None])[0] for v, b in zip(views, boxes)]))
+        with self._autocast():
+            if self.backbone.name == "litemedsam":
+                sparse, dense = self.backbone.prompt_embeddings(len(views), boxes=model_boxes, tokens=tokens)
+                logits, iou = self.backbone.decode(torch.cat(embs), sparse, dense)
+            else:
+                outs = []
+                for i, emb in enumerate(embs):
+                    sparse, dense = self.backbone.prompt_embeddings(
+                        1, boxes=model_boxes[i:i + 1], tokens=None if tokens is None else tokens[i:i + 1])
+                    outs.append(self.backbone.decode(emb, sparse, dense))
+                logits, iou = torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs])
+        return logits.float().cpu(), iou.float().cpu()
+
+    def _fine_logits_batched(self, fine_boxes: list[np.ndarray],
+                             tokens: torch.Tensor | None = None) -> list[tuple[np.ndarray, float]]:
+        """:meth:`_fine_logits` for several labels at once: every tile of every label in one batched
+        encode (of the crops not cached) and one decoder pass. Same views, boxes and merging."""
+        shape, size = self._image.shape, self.backbone.input_size
+        owner, views, tiles = [], [], []
+        for i, box in enumerate(fine_boxes):
+            for tile in tile_boxes(box, self.max_tile_aspect):
+                owner.append(i)
+                tiles.append(tile)
+                views.append(View.crop(shape, tile, size, margin=self.crop_margin))
+        tok = None if tokens is None else tokens[torch.as_tensor(owner)]
+        logits, iou = self._decode_views(views, tiles, tok)
+        out = [np.full(shape, -20.0, dtype=np.float32) for _ in fine_boxes]
+        scores: list[list[float]] = [[] for _ in fine_boxes]
+        for j, (i, view) in enumerate(zip(owner, views)):
+            np.maximum(out[i], view.logits_to_image(logits[j:j + 1])[0].numpy(), out=out[i])
+            scores[i].append(float(iou[j]))
+        return [(o, float(np.mean(s))) for o, s in zip(out, scores)]
 
     def _fine_logits(self, box: np.ndarray, tokens: torch.Tensor | None = None) -> tuple[np.ndarray, float]:
         """Logits (H, W) of the fine pass for one box: a stretched crop, or overlapping tiles along the long
@@ -246,18 +345,25 @@ class Predictor:
             full = view.logits_to_image(logits).numpy() > 0
             results = []
             t_coarse = time.perf_counter()
+            fine_boxes = []
+            if refine:
+                for i in range(len(parsed)):
+                    b = mask_box(largest_component(full[i]))
+                    # user boxes are trusted as they are; a prior box only where the coarse pass found nothing
+                    if b is None or sources[i] == "user_box":
+                        fine_boxes.append(prompt_boxes[i])
+                    else:  # SAM's masks sit inside their box: grow the coarse box so the fine pass can extend it
+                        fine_boxes.append(grow_box(b, self.coarse_grow, shape))
+                if self.batch_fine:
+                    fine = self._fine_logits_batched(fine_boxes, tokens)
+                else:
+                    fine = [self._fine_logits(fb, None if tokens is None else tokens[i:i + 1])
+                            for i, fb in enumerate(fine_boxes)]
             for i, p in enumerate(parsed):
                 mask, score, used_box = full[i], float(iou[i]), prompt_boxes[i]
                 if refine:
-                    coarse = largest_component(mask)
-                    b = mask_box(coarse)
-                    # user boxes are trusted as they are; a prior box only where the coarse pass found nothing
-                    if b is None or sources[i] == "user_box":
-                        fine_box = used_box
-                    else:  # SAM's masks sit inside their box: grow the coarse box so the fine pass can extend it
-                        fine_box = grow_box(b, self.coarse_grow, shape)
-                    fine_logits, score = self._fine_logits(fine_box, None if tokens is None else tokens[i:i + 1])
-                    mask, used_box = fine_logits > 0, fine_box
+                    fine_logits, score = fine[i]
+                    mask, used_box = fine_logits > 0, fine_boxes[i]
                 results.append(LabelResult(p.label, largest_component(mask), score,
                                            [float(v) for v in used_box], sources[i]))
             t1 = time.perf_counter()
@@ -312,7 +418,7 @@ def _as_parsed(prompt: str | list[str], allowed: tuple[str, ...]) -> list[Parsed
 def build_predictor(backbone: str = "litemedsam", checkpoint: str | None = None, device: str = "auto",
                     labels: str | tuple[str, ...] = "both", refine: bool = True, cache_size: int = 32,
                     priors: PriorBoxes | None = None, text_encoder: str | None = None,
-                    adapter: str | None = None) -> Predictor:
+                    adapter: str | None = None, precision: str = "fp32", batch_fine: bool = True) -> Predictor:
     """One call from options to a ready predictor (the CLI and the MONAI Label app both use it).
     The text encoder loads lazily (only an adapter needs it); ``adapter`` loads one right away."""
     from .backbones import build_backbone, resolve_device
@@ -321,7 +427,7 @@ def build_predictor(backbone: str = "litemedsam", checkpoint: str | None = None,
     label_set = resolve_label_set(labels) if isinstance(labels, str) else tuple(labels)
     model = build_backbone(backbone, checkpoint, device=resolve_device(device))
     predictor = Predictor(model, priors=priors, cache_size=cache_size, labels=label_set, refine=refine,
-                          text_encoder_path=text_encoder or None)
+                          text_encoder_path=text_encoder or None, precision=precision, batch_fine=batch_fine)
     if adapter:
         predictor.load_adapter(adapter)
     return predictor
