@@ -24,6 +24,7 @@ except ImportError:  # pragma: no cover
 
 from lib.infers import TextPromptSegmentation  # noqa: E402
 from lib.options import AppOptions  # noqa: E402
+from lib.safety import SafeLocalDatastore, check_infer_image, install_error_handlers  # noqa: E402
 from lib.trainers import AdapterTrainer  # noqa: E402
 from xray_textseg.adapters import AdapterStore  # noqa: E402
 from xray_textseg.io import write_atomic  # noqa: E402
@@ -55,6 +56,21 @@ class XrayTextSegApp(MONAILabelApp):
             version=xray_textseg.__version__,
             labels=list(self.predictor.labels),
         )
+
+    def init_datastore(self):
+        """Local studies go through :class:`SafeLocalDatastore` (validated uploads and labels, atomic writes)."""
+        if self.studies.startswith(("http://", "https://")):
+            return super().init_datastore()
+        from monailabel.config import settings
+
+        return SafeLocalDatastore(self.studies, extensions=settings.MONAI_LABEL_DATASTORE_FILE_EXT,
+                                  auto_reload=settings.MONAI_LABEL_DATASTORE_AUTO_RELOAD,
+                                  read_only=settings.MONAI_LABEL_DATASTORE_READ_ONLY)
+
+    def infer(self, request, datastore=None):
+        sessions = self.sessions()
+        check_infer_image(request, getattr(sessions, "store_path", None), datastore or self.datastore())
+        return super().infer(request, datastore)
 
     def init_infers(self):
         default_prompt = ", ".join(label.replace("_", " ") for label in self.predictor.labels[:1])
@@ -121,6 +137,7 @@ class XrayTextSegApp(MONAILabelApp):
 
     def on_init_complete(self):
         super().on_init_complete()
+        install_error_handlers()
         seconds = self.options.retrain_seconds
         if seconds:
             import schedule

@@ -22,6 +22,7 @@ its validation Dice is not worse than the current adapter's on the same validati
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -37,6 +38,8 @@ from .io import write_atomic
 LORA_TARGETS = r".*\.attn\.(qkv|proj)$"  # attention only: a plain ["qkv", "proj"] also hits patch_embed.proj
 METADATA = "metadata.json"
 FORMAT_VERSION = 1
+
+logger = logging.getLogger(__name__)
 
 
 class AdapterError(ValueError):
@@ -157,6 +160,7 @@ class AdapterStore:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
+        self._bad_pointer: float | None = None  # mtime of an unreadable current.json already reported
 
     # --- reading ---
     def versions(self) -> list[str]:
@@ -164,13 +168,39 @@ class AdapterStore:
                       if p.is_dir() and p.name.startswith("v") and (p / METADATA).is_file())
 
     def _pointer(self) -> dict:
+        """``current.json``; an unreadable one (hand-edited, disk fault) is logged once and read as 'no
+        adapter' so that serving falls back to zero-shot instead of failing; the next promotion replaces it."""
         p = self.root / self.POINTER
         if not p.is_file():
             return {"current": None, "history": []}
-        return json.loads(p.read_text())
+        try:
+            data = json.loads(p.read_text())
+            problem = None if isinstance(data, dict) and isinstance(data.get("history", []), list) else \
+                "not an object with 'current' and a 'history' list"
+        except (OSError, ValueError) as exc:
+            problem = str(exc)
+        if problem:
+            stamp = p.stat().st_mtime if p.exists() else None
+            if stamp != self._bad_pointer:
+                self._bad_pointer = stamp
+                logger.error("%s is unreadable (%s): no current adapter until the next promotion", p, problem)
+            return {"current": None, "history": []}
+        data.setdefault("current", None)
+        data.setdefault("history", [])
+        return data
+
+    def pointer(self) -> dict:
+        """The parsed ``current.json``: ``current`` (a version or None) and ``history`` (oldest first)."""
+        return self._pointer()
 
     def current(self) -> str | None:
         return self._pointer()["current"]
+
+    def fallback_order(self, pointer: dict | None = None) -> list[str]:
+        """The current version, then the previously promoted ones newest first: what to serve, in order,
+        when a version turns out unloadable (truncated or missing files)."""
+        ptr = pointer if pointer is not None else self._pointer()
+        return list(dict.fromkeys(v for v in [ptr.get("current"), *reversed(ptr.get("history", []))] if v))
 
     def current_path(self) -> Path | None:
         cur = self.current()

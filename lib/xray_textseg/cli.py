@@ -66,24 +66,38 @@ def cmd_info(args) -> int:
     return 0
 
 
+def _check_predict_args(args) -> dict[str, list[float]] | None:
+    """Prompts, box and output checked before the image is decoded or the model loaded: a typo fails in
+    milliseconds, not after an encode. Returns the user box as {label: box} or None."""
+    import math
+
+    from .vocabulary import parse_prompt, resolve_label_set
+
+    allowed = resolve_label_set(args.labels)
+    parsed = [label for prompt in args.prompt for label in parse_prompt(prompt, allowed)]
+    out = Path(args.output)
+    if out.suffix.lower() in (".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".dcm", ".nrrd", ".gz", ".json") \
+            and not out.name.lower().endswith(".nii.gz"):
+        raise ValueError(f"--output {out}: write a .png, .nii or .nii.gz label map, or name a folder")
+    if not args.box:
+        return None
+    if len(parsed) != 1:
+        raise ValueError("--box needs exactly one --prompt naming a single label")
+    x0, y0, x1, y1 = args.box
+    if not all(math.isfinite(v) for v in args.box) or not (x1 > x0 and y1 > y0):
+        raise ValueError(f"--box {args.box}: needs finite X0 < X1 and Y0 < Y1 (image pixels)")
+    return {parsed[0].label: [float(v) for v in args.box]}
+
+
 def cmd_predict(args) -> int:
     from .io import load_radiograph, save_mask
 
     t0 = time.perf_counter()
+    boxes = _check_predict_args(args)
     image = load_radiograph(args.image)
     predictor = _predictor(args)
     t_load = time.perf_counter()
     predictor.set_image(image)
-    boxes = None
-    if args.box:
-        if len(args.prompt) != 1:
-            raise ValueError("--box needs exactly one --prompt naming a single label")
-        from .vocabulary import parse_prompt
-
-        parsed = parse_prompt(args.prompt[0], predictor.labels)
-        if len(parsed) != 1:
-            raise ValueError("--box needs exactly one label in --prompt")
-        boxes = {parsed[0].label: [float(v) for v in args.box]}
     pred = predictor.predict(args.prompt, boxes=boxes)
     out = Path(args.output)
     written = []

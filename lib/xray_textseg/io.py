@@ -549,11 +549,12 @@ def _nrrd_mask_bytes(labels: np.ndarray, like: Radiograph | None) -> bytes:
 # --- DICOM -----------------------------------------------------------------------------------------------
 def _read_dicom(path: str, sniffed: bool):
     """Parse with ``force=True`` (files without the 128-byte preamble are common from older modalities
-    and PACS exports), then insist on real DICOM elements: forced parsing of random bytes 'succeeds'."""
+    and PACS exports), then insist on real DICOM elements: forced parsing of random bytes 'succeeds'.
+    Values over 1 MB (the pixel data) are read only when used, i.e. after the header size check."""
     import pydicom
 
     try:
-        ds = pydicom.dcmread(path, force=True)
+        ds = pydicom.dcmread(path, force=True, defer_size="1 MB")
     except Exception as exc:
         raise ImageReadError(f"{path}: {_not_dicom(sniffed)} ({exc})") from exc
     if not any(keyword in ds for keyword in _DICOM_MARKERS):

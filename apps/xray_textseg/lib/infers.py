@@ -7,6 +7,7 @@ Type ``segmentation`` so 3D Slicer lists it under auto-segmentation and OHIF sho
 from __future__ import annotations
 
 import logging
+import math
 import os
 import tempfile
 import time
@@ -16,7 +17,7 @@ from fastapi import HTTPException
 from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 from xray_textseg.io import ImageReadError, load_radiograph, save_mask
 from xray_textseg.predictor import Predictor
-from xray_textseg.vocabulary import ALL_LABELS, UnknownLabelError
+from xray_textseg.vocabulary import ALL_LABELS, UnknownLabelError, parse_prompt
 
 logger = logging.getLogger(__name__)
 
@@ -36,49 +37,80 @@ class TextPromptSegmentation(InferTask):
         )
         self.predictor = predictor
         self.store = store
+        self._synced: tuple | None = None  # the current.json state last synced
+        self._broken: set[str] = set()  # versions that failed to load
         self.sync_adapter()
 
     def sync_adapter(self) -> None:
-        """Serve the store's current adapter: a promoted one is picked up here, without a restart."""
+        """Serve the store's current adapter: a promoted one is picked up here, without a restart.
+
+        A version that cannot be loaded (truncated or missing files, incompatible) is skipped with an error
+        line and remembered, and the previously promoted versions are tried newest first; with none left the
+        task serves zero-shot. Nothing is retried until ``current.json`` changes."""
         if self.store is None:
             return
-        current = self.store.current()
-        if current == (None if self.predictor.adapter_version == "none" else self.predictor.adapter_version):
+        pointer = self.store.pointer()
+        key = (pointer.get("current"), tuple(pointer.get("history", [])))
+        if key == self._synced:
             return
-        if current is None:
+        self._synced = key
+        candidates = self.store.fallback_order(pointer)
+        for version in candidates:
+            if version in self._broken:
+                continue
+            if version != self.predictor.adapter_version:
+                try:
+                    self.predictor.load_adapter(self.store.path(version))
+                except Exception as exc:  # noqa: BLE001 - a broken version must not take the service down
+                    self._broken.add(version)
+                    logger.error("adapter %s is unusable and skipped: %s", version, exc)
+                    continue
+                logger.info("now serving adapter %s", version)
+            if version != key[0]:
+                logger.warning("current adapter %s is unusable: serving the previous valid version %s", key[0],
+                               version)
+            return
+        if self.predictor.adapter_version != "none":
             self.predictor.unload_adapter()
-            return
-        try:
-            self.predictor.load_adapter(self.store.path(current))
-            logger.info("now serving adapter %s", current)
-        except Exception as exc:  # noqa: BLE001 - keep serving what we have; say why
-            logger.error("cannot load adapter %s (still serving %s): %s", current, self.predictor.mode, exc)
+        if key[0]:
+            logger.error("no usable adapter among %s: serving zero-shot", candidates)
 
-    def _boxes(self, request: dict[str, Any], prompt: str) -> dict[str, list[float]] | None:
+    def _boxes(self, request: dict[str, Any], labels: list, shape: tuple[int, int]) -> dict[str, list[float]] | None:
         """Optional refinement: ``box`` = [x0, y0, x1, y1] (image pixels) for a one-label prompt, or
-        ``boxes`` = {label: box}. Malformed boxes are a 400 naming the problem."""
-        from xray_textseg.vocabulary import parse_prompt
-
-        boxes = request.get("boxes")
-        if request.get("box") is not None:
-            labels = parse_prompt(prompt, self.predictor.labels)
+        ``boxes`` = {label: box} for labels the prompt asks for. Malformed, conflicting or off-image boxes
+        are a 400 naming the problem (checked before any encode)."""
+        box, boxes = request.get("box"), request.get("boxes")
+        if box is not None and boxes is not None:
+            raise HTTPException(status_code=400, detail="give either 'box' (one structure) or 'boxes' "
+                                                        "({label: box}), not both")
+        if box is not None:
             if len(labels) != 1:
                 raise HTTPException(status_code=400, detail="'box' needs a prompt naming exactly one structure")
-            boxes = {labels[0].label: request["box"]}
-        if not boxes:
+            boxes = {labels[0].label: box}
+        if boxes is None:
             return None
         if not isinstance(boxes, dict):
             raise HTTPException(status_code=400, detail="'boxes' must map a label to [x0, y0, x1, y1]")
+        asked = {p.label for p in labels}
+        height, width = shape
         out = {}
-        for name, box in boxes.items():
+        for name, b in boxes.items():
             try:
-                x0, y0, x1, y1 = (float(v) for v in box)
+                x0, y0, x1, y1 = (float(v) for v in b)
             except (TypeError, ValueError):
                 raise HTTPException(status_code=400, detail=f"box for {name!r} must be [x0, y0, x1, y1]") from None
+            if not all(math.isfinite(v) for v in (x0, y0, x1, y1)):
+                raise HTTPException(status_code=400, detail=f"box for {name!r} must be 4 finite numbers: {b}")
             if not (x1 > x0 and y1 > y0):
-                raise HTTPException(status_code=400, detail=f"box for {name!r} is empty: {box}")
-            label = parse_prompt(str(name).replace("_", " "), self.predictor.labels)[0].label
-            out[label] = [x0, y0, x1, y1]
+                raise HTTPException(status_code=400, detail=f"box for {name!r} is empty: {b}")
+            if x1 <= 0 or y1 <= 0 or x0 >= width or y0 >= height:
+                raise HTTPException(status_code=400, detail=f"box for {name!r} {b} lies outside the "
+                                                            f"{width}x{height} image")
+            named = parse_prompt(str(name).replace("_", " "), self.predictor.labels)
+            if len(named) != 1 or named[0].label not in asked:
+                raise HTTPException(status_code=400, detail=f"box for {name!r}: the prompt asks for "
+                                                            f"{sorted(asked)}, one box per asked label")
+            out[named[0].label] = [x0, y0, x1, y1]
         return out
 
     def is_valid(self) -> bool:
@@ -90,18 +122,21 @@ class TextPromptSegmentation(InferTask):
         if not isinstance(path, str) or not path or not os.path.isfile(path):
             raise HTTPException(status_code=404, detail=f"image not found: {request.get('image')!r}")
         prompt = request.get("prompt")
-        if not isinstance(prompt, str) or not prompt.strip():
+        if prompt is not None and not isinstance(prompt, str):
+            raise HTTPException(status_code=400, detail=f"'prompt' must be text, got {type(prompt).__name__}")
+        if not prompt or not prompt.strip():
             raise HTTPException(status_code=400, detail="missing 'prompt': name the anatomy, e.g. 'left lung, heart'")
-        try:
+        try:  # words and boxes are checked before the image is decoded or encoded
+            labels = parse_prompt(prompt, self.predictor.labels)
             image = load_radiograph(path)
-        except ImageReadError as exc:
-            raise HTTPException(status_code=422, detail=str(exc)) from exc
-        self.sync_adapter()
-        try:
-            self.predictor.set_image(image)
-            prediction = self.predictor.predict(prompt, boxes=self._boxes(request, prompt))
+            boxes = self._boxes(request, labels, image.shape)
         except UnknownLabelError as exc:
             raise HTTPException(status_code=400, detail=str(exc)) from exc
+        except ImageReadError as exc:  # server paths stay out of the answer
+            raise HTTPException(status_code=422, detail=str(exc).replace(path, os.path.basename(path))) from exc
+        self.sync_adapter()
+        self.predictor.set_image(image)
+        prediction = self.predictor.predict(prompt, boxes=boxes)
 
         label_map = prediction.label_map_with_values(LABEL_VALUES)
         # NIfTI, or the raw NRRD OHIF's MONAI Label panel asks for (result_extension ".nrrd")

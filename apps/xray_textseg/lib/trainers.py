@@ -150,15 +150,20 @@ class AdapterTrainer(TrainTask):
                              progress=progress, log_path=self.store.root / "logs" / f"{version_path.name}.jsonl",
                              extra_metadata={"trigger": request.get("trigger", "request")})
         cand = meta["validation"]["dice_mean"]
-        current = self.store.current()
         cur_dice = None
-        if current and val_items:
-            # the current adapter on the *same* validation images (it may have seen them in training:
-            # that only makes the gate stricter for the candidate)
-            predictor.load_adapter(self.store.path(current))
+        for current in self.store.fallback_order() if val_items else []:
+            # the served adapter (the current one, or the newest loadable before it, as the infer task does)
+            # on the *same* validation images (it may have seen them in training: that only makes the gate
+            # stricter for the candidate)
+            try:
+                predictor.load_adapter(self.store.path(current))
+            except Exception as exc:  # noqa: BLE001 - a broken version sets no bar; the next one may
+                logger.error("adapter %s is unusable and skipped for the comparison: %s", current, exc)
+                continue
             cur = validate(predictor, val_items, tuple(meta["labels"]))
             predictor.unload_adapter()
             cur_dice = cur["dice_mean"]
+            break
         promoted, why = self.store.promote(version_path.name, cand, cur_dice)
         logger.info(why)
         stats.update(status="done", promoted=promoted, decision=why, best_metric=round(cand, 4),
