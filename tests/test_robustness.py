@@ -166,7 +166,7 @@ def _bad_image_cases() -> list[Case]:
     cases = []
     for name, (content, says) in BAD_IMAGES.items():
         cases.append(Case(f"infer-upload-{name}", lambda c, x, n=name, b=content: infer(c, None, file=(n, b)),
-                          422, (says,)))
+                          422, (says, "uploaded file")))
     for name in ("truncated.png", "huge.dcm", "nopixels.dcm"):  # the datastore refuses them before storing
         content, says = BAD_IMAGES[name]
         cases.append(Case(f"datastore-upload-{name}", lambda c, x, n=name, b=content: upload(c, "bad_upload", n, b),

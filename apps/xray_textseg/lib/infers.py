@@ -133,7 +133,9 @@ class TextPromptSegmentation(InferTask):
         except UnknownLabelError as exc:
             raise HTTPException(status_code=400, detail=str(exc)) from exc
         except ImageReadError as exc:  # server paths stay out of the answer
-            raise HTTPException(status_code=422, detail=str(exc).replace(path, os.path.basename(path))) from exc
+            upload = os.path.dirname(os.path.realpath(path)) == os.path.realpath(tempfile.gettempdir())
+            shown = "uploaded file" if upload else os.path.basename(path)
+            raise HTTPException(status_code=422, detail=str(exc).replace(path, shown)) from exc
         self.sync_adapter()
         self.predictor.set_image(image)
         prediction = self.predictor.predict(prompt, boxes=boxes)
