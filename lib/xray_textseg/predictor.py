@@ -102,7 +102,7 @@ class Predictor:
         self.precision = precision
         self.batch_fine = batch_fine
         if encode_batch is None:
-            encode_batch = 16 if backbone.device.type == "cuda" else (4 if backbone.input_size <= 256 else 1)
+            encode_batch = 16 if backbone.device.type == "cuda" else (2 if backbone.input_size <= 256 else 1)
         self.encode_batch = max(1, int(encode_batch))
         self.backbone = backbone
         self.priors = priors or PriorBoxes()
@@ -296,7 +296,7 @@ class Predictor:
                 owner.append(i)
                 tiles.append(tile)
                 views.append(View.crop(shape, tile, size, margin=self.crop_margin))
-        tok = None if tokens is None else tokens[torch.as_tensor(owner)]
+        tok = None if tokens is None else tokens[torch.as_tensor(owner, device=tokens.device)]
         logits, iou = self._decode_views(views, tiles, tok)
         out = [np.full(shape, -20.0, dtype=np.float32) for _ in fine_boxes]
         scores: list[list[float]] = [[] for _ in fine_boxes]
