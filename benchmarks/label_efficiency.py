@@ -78,12 +78,12 @@ def main(argv=None) -> int:
             if kmax >= len(order):
                 raise SystemExit(f"k={kmax} leaves no test images in {data} ({len(order)} cases)")
             test = sorted(order[kmax:])[: args.test_limit or None]
-            predictor = Predictor(backbone, labels=labels, text_encoder=encoder, cache_size=0)
+            predictor = Predictor(backbone, labels=labels, text_encoder=encoder, cache_size=16)
             if not args.skip_baselines:
                 for mode in ("zero-shot", "oracle-box"):
                     if done(data.name, seed, 0, mode):
                         continue
-                    rep = evaluate_folder(predictor, data, mode=mode, names=test, hd95=False)
+                    rep = evaluate_folder(predictor, data, mode=mode, names=test, hd95=False, progress=True)
                     for lab, s in rep["per_label"].items():
                         rows.append({"data": data.name, "seed": seed, "k": 0, "method": mode, "label": lab,
                                      "dice": s["dice_mean"], "n_test": s["n"]})
@@ -103,7 +103,7 @@ def main(argv=None) -> int:
                                      log_path=adapter.parent / f"{adapter.name}.jsonl")
                 train_s = time.perf_counter() - t0
                 predictor.load_adapter(adapter)
-                rep = evaluate_folder(predictor, data, mode="text", names=test, hd95=False)
+                rep = evaluate_folder(predictor, data, mode="text", names=test, hd95=False, progress=True)
                 predictor.unload_adapter()
                 for lab, s in rep["per_label"].items():
                     rows.append({"data": data.name, "seed": seed, "k": k, "method": "text+adapter", "label": lab,
