@@ -49,7 +49,8 @@ def main(argv=None) -> int:
     ap.add_argument("--adapters", default="runs/label_efficiency",
                     help="where the trained adapters go (kept out of docs/)")
     ap.add_argument("--resume", action="store_true",
-                    help="keep the rows already in OUT/results.json and skip what they cover")
+                    help="keep the rows already in OUT/results.json and skip what they cover; evaluate adapters "
+                         "already trained in --adapters instead of training them again")
     args = ap.parse_args(argv)
 
     out = Path(args.out)
@@ -97,11 +98,18 @@ def main(argv=None) -> int:
                 items = load_folder(data, labels, names=train_names)
                 cfg = TrainConfig(mode=args.mode, epochs=args.epochs, seed=seed, device=str(device),
                                   time_budget_s=args.time_budget * 60 if args.time_budget else None)
-                adapter = Path(args.adapters) / f"{data.name}_s{seed}_k{k}_{int(time.time())}"
-                t0 = time.perf_counter()
-                meta = train_adapter(items, adapter, backbone=backbone, text_encoder=encoder, labels=labels, cfg=cfg,
-                                     log_path=adapter.parent / f"{adapter.name}.jsonl")
-                train_s = time.perf_counter() - t0
+                finished = sorted(Path(args.adapters).glob(f"{data.name}_s{seed}_k{k}_*/metadata.json"))
+                if args.resume and finished:  # trained by an interrupted run: evaluate it, don't train again
+                    adapter = finished[-1].parent
+                    meta = json.loads(finished[-1].read_text())
+                    train_s = float(meta.get("training", {}).get("seconds", float("nan")))
+                    print(f"reusing {adapter}", flush=True)
+                else:
+                    adapter = Path(args.adapters) / f"{data.name}_s{seed}_k{k}_{int(time.time())}"
+                    t0 = time.perf_counter()
+                    meta = train_adapter(items, adapter, backbone=backbone, text_encoder=encoder, labels=labels,
+                                         cfg=cfg, log_path=adapter.parent / f"{adapter.name}.jsonl")
+                    train_s = time.perf_counter() - t0
                 predictor.load_adapter(adapter)
                 rep = evaluate_folder(predictor, data, mode="text", names=test, hd95=False, progress=True)
                 predictor.unload_adapter()

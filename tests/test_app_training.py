@@ -117,3 +117,16 @@ def test_stopping_a_run_keeps_the_current_adapter(server):
     assert server.client.get("/info/").json()["train_stats"]["xray_textseg_train"]["status"] == "stopped"
     _, params = infer_dice(server, HELD_OUT[0])
     assert params["adapter"] == "v0001"
+    # the next run after the kill trains, validates and decides normally
+    r = server.client.post("/train/xray_textseg_train", json={"epochs": 2, "trigger": "after kill"})
+    assert r.status_code == 200, r.text
+    deadline = time.time() + 900
+    while time.time() < deadline:
+        stats = server.client.get("/info/").json()["train_stats"]["xray_textseg_train"]
+        if stats.get("trigger") == "after kill" and stats.get("status") in ("done", "failed", "stopped"):
+            break
+        time.sleep(3)
+    assert stats.get("status") == "done", f"{stats}\n{server.log_tail()}"
+    current = json.loads((root / "current.json").read_text())["current"]
+    assert current == (stats["version"] if stats["promoted"] else "v0001")
+    assert (root / current / "metadata.json").is_file()

@@ -372,6 +372,41 @@ def test_killed_label_save_leaves_old_or_new_label(tmp_path):
         assert reopened.get_label_uri("big", "final") == str(dest.resolve())
 
 
+def _score_with_stale_copy(studies: str, ready, go) -> None:
+    """What MONAI Label's scoring subprocess does: open the datastore, work a while, then store a score."""
+    store = SafeLocalDatastore(studies, extensions=json.loads(FILE_EXT), auto_reload=False)
+    ready.set()
+    go.wait(60)
+    store.update_image_info("b", {"xray_textseg_uncertainty": {"value": 0.5, "adapter": "none"}})
+
+
+def test_a_score_written_by_another_process_keeps_labels_saved_meanwhile(tmp_path):
+    """Regression: a scoring subprocess opened the datastore before labels were saved and wrote its
+    stale copy back with the score, dropping the labels' label_info (training then lost the heart)."""
+    studies = tmp_path / "studies"
+    studies.mkdir()
+    for name in ("a", "b"):
+        Image.fromarray(film(128, 128)).save(studies / f"{name}.png")
+    lm = np.zeros((128, 128), np.uint8)
+    lm[20:60, 20:60], lm[70:110, 70:110] = 1, 2
+    save_mask(lm, tmp_path / "a.nii.gz")
+    server_store = SafeLocalDatastore(str(studies), extensions=json.loads(FILE_EXT), auto_reload=False)
+    fork = multiprocessing.get_context("fork")
+    ready, go = fork.Event(), fork.Event()
+    scorer = fork.Process(target=_score_with_stale_copy, args=(str(studies), ready, go))
+    scorer.start()
+    assert ready.wait(60)
+    info = {"label_info": [{"name": "left lung", "idx": 1}, {"name": "heart", "idx": 2}]}
+    server_store.save_label("a", str(tmp_path / "a.nii.gz"), "final", info)
+    go.set()
+    scorer.join(60)
+    assert scorer.exitcode == 0
+    reopened = SafeLocalDatastore(str(studies), extensions=json.loads(FILE_EXT), auto_reload=False)
+    assert reopened.get_label_info("a", "final")["label_info"] == info["label_info"]
+    assert reopened.get_image_info("b")["xray_textseg_uncertainty"]["value"] == 0.5
+    assert server_store.get_label_info("a", "final")["label_info"] == info["label_info"]
+
+
 def _adapter(store_root: Path, version: str, predictor) -> Path:
     """A structurally valid adapter for the packaged backbone (base decoder, an untrained head marked
     trained): enough for the server to load and serve it."""
@@ -434,7 +469,8 @@ def test_store_reads_a_torn_pointer_as_no_adapter(tmp_path, caplog):
 
 @pytest.mark.slow
 def test_concurrent_infers_and_label_saves(ctx):
-    """32 infers and 16 label saves at once: no 5xx, and every saved label is there afterwards."""
+    """32 infers and 16 label saves at once while an adapter trains: no 5xx, every saved label is there
+    afterwards and the training run finishes."""
     c = ctx["server"].client
     ids = [f"load_{i:02d}" for i in range(16)]
     for image_id in ids:
@@ -445,6 +481,10 @@ def test_concurrent_infers_and_label_saves(ctx):
         lm[:] = 0
         lm[20 + i:120 + i, 30:100] = 1
         saved[image_id] = label_bytes(ctx["labels"], lm, f"{image_id}.nii.gz")
+    for image_id in ids[:4]:  # enough final labels for a training run
+        assert put_label(c, image_id, saved[image_id], params={"label_names": {"left_lung": 1}}).status_code == 200
+    r = c.post("/train/xray_textseg_train", json={"epochs": 3, "trigger": "load test"})
+    assert r.status_code == 200, r.text
 
     def one(job):
         kind, image_id = job
@@ -459,7 +499,13 @@ def test_concurrent_infers_and_label_saves(ctx):
     assert statuses == [200] * len(jobs)
     for image_id, content in saved.items():
         assert c.get("/datastore/label", params={"label": image_id, "tag": "final"}).content == content
-    assert c.get("/info/").status_code == 200
+    deadline = time.time() + 900
+    while time.time() < deadline:
+        stats = c.get("/info/").json()["train_stats"]["xray_textseg_train"]
+        if stats.get("trigger") == "load test" and stats.get("status") in ("done", "failed", "stopped"):
+            break
+        time.sleep(3)
+    assert stats.get("status") == "done", stats
 
 
 # --- engine-level limits ------------------------------------------------------------------------------

@@ -15,7 +15,10 @@ and malformed JSON form fields come back as HTTP 500. The rules here (README "In
 * a saved label must be a PNG/TIFF/NIfTI label map of its image's (H, W) holding only declared values
   (Slicer's ``label_info``, our ``label_names``, else the app's label values) -> else 422;
 * images, labels and ``datastore_v2.json`` are written to a temporary file and renamed: a crash leaves
-  the old file or the new one, never half of one.
+  the old file or the new one, never half of one;
+* every change to ``datastore_v2.json`` re-reads it under the file lock first: MONAI Label runs scoring
+  and training in subprocesses with their own datastore objects, and a stale in-memory copy written
+  back (``update_image_info`` from an active-learning score) would otherwise drop labels saved meanwhile.
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ from typing import Any
 import numpy as np
 from fastapi import HTTPException
 from filelock import FileLock
-from monailabel.datastore.local import DataModel, ImageLabelModel, LocalDatastore
+from monailabel.datastore.local import DataModel, ImageLabelModel, LocalDatastore, LocalDatastoreModel
 from monailabel.interfaces.exception import (
     ImageNotFoundException,
     LabelNotFoundException,
@@ -124,6 +127,32 @@ def copy_atomic(src: str, dest: str) -> None:
 class SafeLocalDatastore(LocalDatastore):
     """LocalDatastore that validates uploads and labels (see module docstring) and writes atomically."""
 
+    def _reload_locked(self) -> None:
+        """Re-read ``datastore_v2.json`` (caller holds the file lock): other processes may have written it."""
+        if os.path.exists(self._datastore_config_path):
+            with open(self._datastore_config_path) as fp:
+                self._datastore = LocalDatastoreModel.model_validate_json(fp.read())
+            self._datastore.base_path = self._datastore_path
+            self._config_ts = os.stat(self._datastore_config_path).st_mtime
+
+    def update_image_info(self, image_id: str, info: dict[str, Any]) -> None:
+        with FileLock(self._lock_file):
+            self._reload_locked()
+            obj = self._datastore.objects.get(image_id)
+            if not obj:
+                raise ImageNotFoundException(f"Image {image_id} not found")
+            obj.image.info.update(info)
+            self._update_datastore_file(lock=False)
+
+    def update_label_info(self, label_id: str, label_tag: str, info: dict[str, Any]) -> None:
+        with FileLock(self._lock_file):
+            self._reload_locked()
+            label = self._datastore.label(label_id, label_tag)
+            if not label:
+                raise LabelNotFoundException(f"Label: {label_id} Tag: {label_tag} not found")
+            label.info.update(info)
+            self._update_datastore_file(lock=False)
+
     def _ext(self, filename: str) -> str:
         return self._to_id(os.path.basename(filename))[1]
 
@@ -140,6 +169,7 @@ class SafeLocalDatastore(LocalDatastore):
         name = self._filename(image_id, ext)
         dest = os.path.join(self._datastore.image_path(), name)
         with FileLock(self._lock_file):
+            self._reload_locked()
             copy_atomic(image_filename, dest)
             info = dict(image_info or {}, ts=int(time.time()), name=name)
             self._datastore.objects[image_id] = ImageLabelModel(image=DataModel(info=info, ext=ext))
@@ -172,6 +202,10 @@ class SafeLocalDatastore(LocalDatastore):
         label_path = self._datastore.label_path(label_tag)
         name = self._filename(image_id, ext)
         with FileLock(self._lock_file):
+            self._reload_locked()
+            obj = self._datastore.objects.get(image_id)
+            if not obj:
+                raise HTTPException(status_code=404, detail=f"image not found: {str(image_id)[:200]!r}")
             os.makedirs(label_path, exist_ok=True)
             copy_atomic(label_filename, os.path.join(label_path, name))
             info = dict(label_info or {}, ts=int(time.time()), name=name)
