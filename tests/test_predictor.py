@@ -34,12 +34,34 @@ def test_laterality_on_sample_chest(fresh_predictor):
 def test_second_prompt_reuses_the_embedding(fresh_predictor):
     fresh_predictor.set_image(SAMPLE / "images" / "chest_001.png")
     first = fresh_predictor.predict("heart", refine=False)
-    assert first.cache == {"hits": 0, "misses": 1}
+    assert first.cache == {"hits": 0, "misses": 1, "result_hits": 0}
     second = fresh_predictor.predict("left lung", refine=False)
-    assert second.cache == {"hits": 1, "misses": 0}
-    # the same pixels under another name hit the cache too (keyed by content, not path)
+    assert second.cache == {"hits": 1, "misses": 0, "result_hits": 0}
+    # the same pixels under another name hit the caches too (keyed by content, not path)
     fresh_predictor.set_image(load_radiograph(SAMPLE / "images" / "chest_001.png").pixels.copy())
-    assert fresh_predictor.predict("heart", refine=False).cache["hits"] == 1
+    assert fresh_predictor.predict("heart", refine=False).cache["result_hits"] == 1
+    assert fresh_predictor.predict("right lung", refine=False).cache == {"hits": 1, "misses": 0, "result_hits": 0}
+
+
+def test_repeated_labels_come_from_the_result_cache(fresh_predictor):
+    """A label asked again on the same image (same weights, box, settings) is not decoded again; the mask is
+    the one computed first. Another box, another adapter state or refine=False are new results."""
+    p = fresh_predictor
+    p.set_image(SAMPLE / "images" / "chest_002.png")
+    first = p.predict("heart, left lung")
+    again = p.predict("Left Lung, Heart")
+    assert again.cache == {"hits": 0, "misses": 0, "result_hits": 2}
+    assert [r.label for r in again.results] == ["left_lung", "heart"]
+    for r in again.results:
+        ref = next(f for f in first.results if f.label == r.label)
+        assert np.array_equal(r.mask, ref.mask) and r.score == ref.score and r.box == ref.box
+    mixed = p.predict("heart, right lung")
+    assert mixed.cache["result_hits"] == 1 and mixed.cache["misses"] >= 1  # right lung's crop is new
+    box = [float(v) for v in first.results[0].box]
+    assert p.predict("heart", boxes={"heart": box}).cache["result_hits"] == 0
+    assert p.predict("heart", refine=False).cache["result_hits"] == 0
+    p.unload_adapter()  # any adapter load/unload starts over
+    assert p.predict("heart").cache["result_hits"] == 0
 
 
 def test_unknown_prompt_names_known_labels(fresh_predictor):
@@ -118,17 +140,18 @@ def test_cache_follows_the_encoder_across_adapter_changes(fresh_predictor, tmp_p
     and recomputed when an adapter changes the encoder (LoRA); unloading it hits the base entries again."""
     p = fresh_predictor
     p.set_image(SAMPLE / "images" / "chest_001.png")
-    assert p.predict("heart", refine=False).cache == {"hits": 0, "misses": 1}
+    miss, hit = {"hits": 0, "misses": 1, "result_hits": 0}, {"hits": 1, "misses": 0, "result_hits": 0}
+    assert p.predict("heart", refine=False).cache == miss
     p.load_adapter(_adapter(tmp_path, p, "head_only", lora=False))
     pred = p.predict("heart", refine=False)
-    assert pred.mode == "adapter" and pred.cache == {"hits": 1, "misses": 0}
+    assert pred.mode == "adapter" and pred.cache == hit
     p.load_adapter(_adapter(tmp_path, p, "with_lora", lora=True))
     assert p.encoder_version == "with_lora"
-    assert p.predict("heart", refine=False).cache == {"hits": 0, "misses": 1}  # new encoder: re-encoded
-    assert p.predict("left lung", refine=False).cache == {"hits": 1, "misses": 0}  # and cached under it
+    assert p.predict("heart", refine=False).cache == miss  # new encoder: re-encoded
+    assert p.predict("left lung", refine=False).cache == hit  # and cached under it
     p.unload_adapter()
     pred = p.predict("heart", refine=False)
-    assert pred.mode == "zero-shot" and pred.cache == {"hits": 1, "misses": 0}
+    assert pred.mode == "zero-shot" and pred.cache == hit
 
 
 def test_batched_fine_pass_matches_one_crop_at_a_time(fresh_predictor):
@@ -150,7 +173,9 @@ def test_batched_fine_pass_matches_one_crop_at_a_time(fresh_predictor):
         assert a.label == b.label and a.box == b.box
         assert dice(a.mask, b.mask) > 0.999
         assert b.score == pytest.approx(a.score, abs=1e-4)
-    assert p.predict("femur, tibia").cache == {"hits": n, "misses": 0}
+    assert p.predict("femur, tibia").cache == {"hits": 0, "misses": 0, "result_hits": 2}
+    p.results.clear()
+    assert p.predict("femur, tibia").cache == {"hits": n, "misses": 0, "result_hits": 0}
 
 
 def test_reduced_precision_needs_cuda(predictor):

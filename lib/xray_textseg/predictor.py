@@ -22,6 +22,7 @@ decoder takes (embedding, prompt) pairs, segment_anything's ViT-B decoder one im
 from __future__ import annotations
 
 import threading
+from collections import OrderedDict
 import time
 from dataclasses import dataclass, field
 
@@ -85,8 +86,9 @@ class Predictor:
                  labels: tuple[str, ...] = ALL_LABELS, refine: bool = True, crop_margin: float = 0.15,
                  max_tile_aspect: float = 2.0, coarse_grow: float = 0.15, text_encoder=None,
                  text_encoder_path: str | None = None, batch_fine: bool = True, encode_batch: int | None = None,
-                 precision: str = "fp32"):
-        """``batch_fine``: encode the fine crops of a request in batches and decode them in one pass (False:
+                 precision: str = "fp32", result_cache: int = 64):
+        """``result_cache``: final masks kept (bit-packed, per image x label x weights x box; 0 turns it off).
+        ``batch_fine``: encode the fine crops of a request in batches and decode them in one pass (False:
         one crop at a time, the original loop). ``encode_batch``: crops per encoder call (default 16 on CUDA,
         4 for LiteMedSAM on CPU, 1 for ViT-B on CPU where one 1024 px image already needs ~1 GB).
         ``precision``: "fp32" (default, exact), "tf32" (TF32 matmuls/convolutions, CUDA) or "bf16"
@@ -107,6 +109,7 @@ class Predictor:
         self.backbone = backbone
         self.priors = priors or PriorBoxes()
         self.cache = EmbeddingCache(cache_size)
+        self.results = ResultCache(result_cache)
         self.labels = labels
         self.refine = refine
         self.crop_margin = crop_margin
@@ -115,6 +118,7 @@ class Predictor:
         self.adapter_version = "none"
         self.adapter_metadata: dict = {}
         self.encoder_version = "base"  # part of the cache key: a LoRA adapter changes the embeddings
+        self._generation = 0  # bumped by every adapter load/unload: part of the result-cache key
         self.head = None
         self._text_encoder = text_encoder
         self._text_encoder_path = text_encoder_path
@@ -189,6 +193,7 @@ class Predictor:
             self.adapter_version = adapter.version
             self.adapter_metadata = meta
             self.encoder_version = adapter.version if adapter.has_lora else "base"
+            self._generation += 1
 
     def unload_adapter(self) -> None:
         """Back to the zero-shot path with the original weights."""
@@ -196,6 +201,7 @@ class Predictor:
             encoder, decoder, priors = self._base
             self.backbone.image_encoder, self.backbone.mask_decoder, self.priors = encoder, decoder, priors
             self.head, self.adapter_version, self.adapter_metadata, self.encoder_version = None, "none", {}, "base"
+            self._generation += 1
 
     @torch.inference_mode()
     def _text_tokens(self, parsed: list[ParsedLabel]) -> torch.Tensor | None:
@@ -318,11 +324,21 @@ class Predictor:
             scores.append(float(iou[0]))
         return out, float(np.mean(scores))
 
+    def _result_key(self, label: str, box: np.ndarray | None, refine: bool) -> tuple:
+        """Everything a label's final mask depends on besides the label: image, weights, adapter (head, decoder,
+        priors), precision, user box and the pipeline's settings. The text tokens come from the label's
+        canonical phrase, so the user's wording is not part of it."""
+        return (self._hash, self.backbone.weights_id, self._generation, self.adapter_version, self.precision,
+                label, None if box is None else tuple(float(v) for v in box), bool(refine), self.crop_margin,
+                self.coarse_grow, self.max_tile_aspect, self.batch_fine)
+
     def predict(self, prompt: str | list[str], boxes: dict[str, list[float]] | None = None,
                 refine: bool | None = None) -> Prediction:
         """Segment the labels named in ``prompt`` ("left lung, heart" or a list of label names).
 
-        ``boxes`` optionally gives a user box per label (image pixels) that replaces the prior box.
+        ``boxes`` optionally gives a user box per label (image pixels) that replaces the prior box. Labels
+        segmented before on this image with the same weights, box and settings come from the result cache
+        (``result_cache`` entries); only the others are decoded, together.
         """
         if self._image is None:
             raise RuntimeError("call set_image before predict")
@@ -331,47 +347,100 @@ class Predictor:
         with self._lock:
             t0 = time.perf_counter()
             hits0, misses0 = self.cache.hits, self.cache.misses
-            shape = self._image.shape
-            prompt_boxes, sources = [], []
-            for p in parsed:
-                user = (boxes or {}).get(p.label)
-                prompt_boxes.append(np.asarray(user, np.float32) if user is not None else self.priors.box(p.label, shape))
-                sources.append("user_box" if user is not None else ("text" if self.head is not None else "prior"))
-            prompt_boxes = np.stack(prompt_boxes)
-
-            tokens = self._text_tokens(parsed)
-            view = self.coarse_view()
-            logits, iou, _ = self._decode_boxes(view, prompt_boxes, tokens)
-            full = view.logits_to_image(logits).numpy() > 0
-            results = []
-            t_coarse = time.perf_counter()
-            fine_boxes = []
-            if refine:
-                for i in range(len(parsed)):
-                    b = mask_box(largest_component(full[i]))
-                    # user boxes are trusted as they are; a prior box only where the coarse pass found nothing
-                    if b is None or sources[i] == "user_box":
-                        fine_boxes.append(prompt_boxes[i])
-                    else:  # SAM's masks sit inside their box: grow the coarse box so the fine pass can extend it
-                        fine_boxes.append(grow_box(b, self.coarse_grow, shape))
-                if self.batch_fine:
-                    fine = self._fine_logits_batched(fine_boxes, tokens)
-                else:
-                    fine = [self._fine_logits(fb, None if tokens is None else tokens[i:i + 1])
-                            for i, fb in enumerate(fine_boxes)]
-            for i, p in enumerate(parsed):
-                mask, score, used_box = full[i], float(iou[i]), prompt_boxes[i]
-                if refine:
-                    fine_logits, score = fine[i]
-                    mask, used_box = fine_logits > 0, fine_boxes[i]
-                results.append(LabelResult(p.label, largest_component(mask), score,
-                                           [float(v) for v in used_box], sources[i]))
+            keys = [self._result_key(p.label, (boxes or {}).get(p.label), refine) for p in parsed]
+            results: list[LabelResult | None] = [self.results.get(k) for k in keys]
+            todo = [i for i, r in enumerate(results) if r is None]
+            timings = {"coarse": 0.0, "fine": 0.0}
+            if todo:
+                fresh, timings = self._segment([parsed[i] for i in todo], boxes, refine)
+                for i, r in zip(todo, fresh):
+                    results[i] = r
+                    self.results.put(keys[i], r)
             t1 = time.perf_counter()
             return Prediction(
-                results, self.mode, shape,
-                timings_ms={"coarse": 1e3 * (t_coarse - t0), "fine": 1e3 * (t1 - t_coarse), "total": 1e3 * (t1 - t0)},
-                cache={"hits": self.cache.hits - hits0, "misses": self.cache.misses - misses0},
+                results, self.mode, self._image.shape, timings_ms={**timings, "total": 1e3 * (t1 - t0)},
+                cache={"hits": self.cache.hits - hits0, "misses": self.cache.misses - misses0,
+                       "result_hits": len(parsed) - len(todo)},
             )
+
+    def _segment(self, parsed: list[ParsedLabel], boxes: dict[str, list[float]] | None,
+                 refine: bool) -> tuple[list[LabelResult], dict[str, float]]:
+        """The pipeline for labels not in the result cache: prompt box (user or prior) -> coarse mask on the
+        whole film -> grown box of its largest component -> fine mask on the crop (tiles for long boxes)."""
+        t0 = time.perf_counter()
+        shape = self._image.shape
+        prompt_boxes, sources = [], []
+        for p in parsed:
+            user = (boxes or {}).get(p.label)
+            prompt_boxes.append(np.asarray(user, np.float32) if user is not None else self.priors.box(p.label, shape))
+            sources.append("user_box" if user is not None else ("text" if self.head is not None else "prior"))
+        prompt_boxes = np.stack(prompt_boxes)
+
+        tokens = self._text_tokens(parsed)
+        view = self.coarse_view()
+        logits, iou, _ = self._decode_boxes(view, prompt_boxes, tokens)
+        full = view.logits_to_image(logits).numpy() > 0
+        results = []
+        t_coarse = time.perf_counter()
+        fine_boxes = []
+        if refine:
+            for i in range(len(parsed)):
+                b = mask_box(largest_component(full[i]))
+                # user boxes are trusted as they are; a prior box only where the coarse pass found nothing
+                if b is None or sources[i] == "user_box":
+                    fine_boxes.append(prompt_boxes[i])
+                else:  # SAM's masks sit inside their box: grow the coarse box so the fine pass can extend it
+                    fine_boxes.append(grow_box(b, self.coarse_grow, shape))
+            if self.batch_fine:
+                fine = self._fine_logits_batched(fine_boxes, tokens)
+            else:
+                fine = [self._fine_logits(fb, None if tokens is None else tokens[i:i + 1])
+                        for i, fb in enumerate(fine_boxes)]
+        for i, p in enumerate(parsed):
+            mask, score, used_box = full[i], float(iou[i]), prompt_boxes[i]
+            if refine:
+                fine_logits, score = fine[i]
+                mask, used_box = fine_logits > 0, fine_boxes[i]
+            results.append(LabelResult(p.label, largest_component(mask), score,
+                                       [float(v) for v in used_box], sources[i]))
+        t1 = time.perf_counter()
+        return results, {"coarse": 1e3 * (t_coarse - t0), "fine": 1e3 * (t1 - t_coarse)}
+
+
+class ResultCache:
+    """Thread-safe LRU of final label results, masks bit-packed (a 2048 x 2048 mask takes 512 KB)."""
+
+    def __init__(self, max_entries: int = 64):
+        self.max_entries = max(0, int(max_entries))
+        self._data: OrderedDict[tuple, tuple] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: tuple) -> LabelResult | None:
+        with self._lock:
+            entry = self._data.get(key)
+            if entry is None:
+                return None
+            self._data.move_to_end(key)
+        bits, shape, label, score, box, source = entry
+        mask = np.unpackbits(bits, count=shape[0] * shape[1]).reshape(shape).astype(bool)
+        return LabelResult(label, mask, score, list(box), source)
+
+    def put(self, key: tuple, r: LabelResult) -> None:
+        if not self.max_entries:
+            return
+        entry = (np.packbits(r.mask), r.mask.shape, r.label, r.score, tuple(r.box), r.prompt_source)
+        with self._lock:
+            self._data[key] = entry
+            self._data.move_to_end(key)
+            while len(self._data) > self.max_entries:
+                self._data.popitem(last=False)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._data.clear()
+
+    def __len__(self) -> int:
+        return len(self._data)
 
 
 def grow_box(box, fraction: float, shape: tuple[int, int]) -> np.ndarray:
