@@ -28,7 +28,21 @@ install_orthanc() {
     elif command -v update-rc.d >/dev/null; then update-rc.d orthanc disable >/dev/null 2>&1 || true; fi
     mkdir -p "$VENV" && touch "$VENV/.orthanc-apt-tried"
 }
+# Chromium (headless) for the OHIF browser test: Debian's package, same rules (tried once; without it that
+# test is skipped, saying so).
+install_chromium() {
+    command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 && return 0
+    if [ "$(id -u)" != 0 ] || [ ! -f /etc/debian_version ] || ! command -v apt-get >/dev/null; then return 0; fi
+    [ -f "$VENV/.chromium-apt-tried" ] && return 0
+    echo "[install] installing chromium (apt) for the OHIF browser test" >&2
+    local apt="apt-get install -y --no-install-recommends chromium"
+    if ! { DEBIAN_FRONTEND=noninteractive $apt || { apt-get update && DEBIAN_FRONTEND=noninteractive $apt; }; } >&2; then
+        echo "[install] warning: could not install chromium; the OHIF browser test will be skipped" >&2
+    fi
+    mkdir -p "$VENV" && touch "$VENV/.chromium-apt-tried"
+}
 install_orthanc
+install_chromium
 want=$(cat requirements.txt pyproject.toml | sha1sum | cut -d' ' -f1)
 if [ -x "$VENV/bin/python" ] && [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
     exit 0

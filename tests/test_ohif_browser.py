@@ -19,7 +19,6 @@ from conftest import REPO
 from PIL import Image
 from test_dicomweb_orthanc import OHIF_PARAMS, infer, pacs, server  # noqa: F401 - module fixtures
 
-pytestmark = pytest.mark.slow
 
 ARTIFACTS = REPO / "test-artifacts"
 

@@ -467,7 +467,6 @@ def test_store_reads_a_torn_pointer_as_no_adapter(tmp_path, caplog):
     assert "current.json is unreadable" in caplog.text
 
 
-@pytest.mark.slow
 def test_concurrent_infers_and_label_saves(ctx):
     """32 infers and 16 label saves at once while an adapter trains: no 5xx, every saved label is there
     afterwards and the training run finishes."""
