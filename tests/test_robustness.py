@@ -195,6 +195,8 @@ HTTP_CASES = _bad_image_cases() + [
     Case("datastore-broken-file", lambda c, x: infer(c, "broken"), 422, ("broken.png", "truncated PNG")),
     # requests
     Case("unknown-model", lambda c, x: infer(c, model="lung_v9"), 404, ("lung_v9",)),
+    Case("unknown-train-task", lambda c, x: c.post("/train/lung_v9", json={}), 404,
+         ("lung_v9", "xray_textseg_train")),
     Case("params-not-json", lambda c, x: infer(c, raw="{prompt: heart"), 400, ("malformed JSON",)),
     Case("params-a-list", lambda c, x: infer(c, raw="[1, 2]"), 400, ("malformed request",)),
     Case("no-image-no-file", lambda c, x: infer(c, ""), 400, ("Neither Image nor File",)),

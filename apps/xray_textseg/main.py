@@ -137,7 +137,7 @@ class XrayTextSegApp(MONAILabelApp):
 
     def on_init_complete(self):
         super().on_init_complete()
-        install_error_handlers()
+        install_error_handlers(trainers=tuple(self._trainers))
         seconds = self.options.retrain_seconds
         if seconds:
             import schedule

@@ -273,19 +273,35 @@ async def _http_error(request, exc):
     return await http_exception_handler(request, exc)
 
 
-def install_error_handlers() -> bool:
+def install_error_handlers(trainers: tuple[str, ...] = ()) -> bool:
     """Map MONAI Label's client errors to 4xx on the running server (no-op outside the server, e.g. in the
     training subprocess). Starlette builds its middleware stack lazily, once: it is reset here so that the
-    next request rebuilds it with these handlers."""
+    next request rebuilds it with these handlers.
+
+    ``trainers``: the app's training task names. MONAI Label starts ``POST /train/<name>`` in a subprocess
+    and answers 200 before that subprocess finds no such task; an unknown name is a 404 here instead."""
     server = getattr(sys.modules.get("monailabel.app"), "app", None)
     if server is None:
         return False
     from starlette.exceptions import HTTPException as StarletteHTTPException
+    from starlette.middleware.base import BaseHTTPMiddleware
 
     server.add_exception_handler(MONAILabelException, _monailabel_error)
     server.add_exception_handler(ValueError, _value_error)  # JSONDecodeError is a ValueError
     server.add_exception_handler(TypeError, _value_error)
     server.add_exception_handler(StarletteHTTPException, _http_error)
     server.middleware_stack = None
+    if trainers:
+        known = set(trainers)
+
+        async def check_train_task(request, call_next):
+            if request.method == "POST" and request.url.path.startswith("/train/"):
+                name = request.url.path[len("/train/"):].strip("/")
+                if name and name not in known:
+                    return _error(404, f"unknown training task {name[:200]!r}; this app has: "
+                                       f"{', '.join(sorted(known))}")
+            return await call_next(request)
+
+        server.add_middleware(BaseHTTPMiddleware, dispatch=check_train_task)
     logger.info("installed 4xx mapping for MONAI Label client errors")
     return True
