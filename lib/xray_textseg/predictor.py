@@ -22,7 +22,6 @@ decoder takes (embedding, prompt) pairs, segment_anything's ViT-B decoder one im
 from __future__ import annotations
 
 import threading
-from collections import OrderedDict
 import time
 from dataclasses import dataclass, field
 
@@ -30,7 +29,7 @@ import numpy as np
 import torch
 
 from .backbones import Backbone
-from .cache import EmbeddingCache
+from .cache import LRU, EmbeddingCache
 from .io import Radiograph, load_radiograph, radiograph_from_array
 from .priors import PriorBoxes
 from .transforms import View, largest_component, mask_box
@@ -407,40 +406,20 @@ class Predictor:
         return results, {"coarse": 1e3 * (t_coarse - t0), "fine": 1e3 * (t1 - t_coarse)}
 
 
-class ResultCache:
-    """Thread-safe LRU of final label results, masks bit-packed (a 2048 x 2048 mask takes 512 KB)."""
-
-    def __init__(self, max_entries: int = 64):
-        self.max_entries = max(0, int(max_entries))
-        self._data: OrderedDict[tuple, tuple] = OrderedDict()
-        self._lock = threading.Lock()
+class ResultCache(LRU):
+    """Final label results with their masks bit-packed (a 2048 x 2048 mask takes 512 KB)."""
 
     def get(self, key: tuple) -> LabelResult | None:
-        with self._lock:
-            entry = self._data.get(key)
-            if entry is None:
-                return None
-            self._data.move_to_end(key)
+        entry = super().get(key)
+        if entry is None:
+            return None
         bits, shape, label, score, box, source = entry
         mask = np.unpackbits(bits, count=shape[0] * shape[1]).reshape(shape).astype(bool)
         return LabelResult(label, mask, score, list(box), source)
 
     def put(self, key: tuple, r: LabelResult) -> None:
-        if not self.max_entries:
-            return
-        entry = (np.packbits(r.mask), r.mask.shape, r.label, r.score, tuple(r.box), r.prompt_source)
-        with self._lock:
-            self._data[key] = entry
-            self._data.move_to_end(key)
-            while len(self._data) > self.max_entries:
-                self._data.popitem(last=False)
-
-    def clear(self) -> None:
-        with self._lock:
-            self._data.clear()
-
-    def __len__(self) -> int:
-        return len(self._data)
+        if self.max_entries:
+            super().put(key, (np.packbits(r.mask), r.mask.shape, r.label, r.score, tuple(r.box), r.prompt_source))
 
 
 def grow_box(box, fraction: float, shape: tuple[int, int]) -> np.ndarray:
