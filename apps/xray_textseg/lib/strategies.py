@@ -10,10 +10,14 @@ fresh server too.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+import sys
 import time
 from typing import Any
 
+import torch
 from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.scoring import ScoringMethod
 from monailabel.interfaces.tasks.strategy import Strategy
@@ -67,6 +71,14 @@ class UncertaintyScoring(ScoringMethod):
         self.app = app
 
     def __call__(self, request: dict[str, Any], datastore: Datastore) -> dict[str, Any]:
+        # MONAI Label runs this in a background subprocess (at start and after every save); on a small CPU it
+        # must not slow the clinician's infer requests: low priority for that process. Not when run
+        # synchronously inside the server (POST /scoring/?run_sync=true), which must keep its priority.
+        if "monailabel.app" not in sys.modules:
+            with contextlib.suppress(OSError):
+                os.nice(10)
+            if (os.cpu_count() or 1) <= 4:  # and one thread, so a core stays free for the server
+                torch.set_num_threads(1)
         images = datastore.get_unlabeled_images(label_tag="final")
         t0 = time.time()
         scores = score_images(self.app, datastore, images)
