@@ -3,13 +3,13 @@ a temporary folder) for the DICOMweb tests, and upload radiographs through its R
 
 from __future__ import annotations
 
-import os
 import subprocess
 import time
 from pathlib import Path
 
 import httpx
 import pytest
+from server import stop_group
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts" / "orthanc.sh"
@@ -71,11 +71,5 @@ class Orthanc:
         return text
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, 15)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, 9)
-                self.proc.wait()
+        stop_group(self.proc)
         self._log.close()

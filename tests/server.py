@@ -17,6 +17,17 @@ MONAILABEL = Path(sys.executable).with_name("monailabel")
 FILE_EXT = '["*.png","*.jpg","*.jpeg","*.tif","*.tiff","*.dcm","*.nii","*.nii.gz"]'
 
 
+def stop_group(proc: subprocess.Popen) -> None:
+    """SIGTERM the process group of ``proc`` (started with start_new_session), SIGKILL after 30 s."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, 15)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, 9)
+            proc.wait()
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -74,11 +85,5 @@ class Server:
 
     def stop(self) -> None:
         self.client.close()
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, 15)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, 9)
-                self.proc.wait()
+        stop_group(self.proc)
         self._log.close()

@@ -501,18 +501,22 @@ def _load_nifti_mask(path: str) -> tuple[np.ndarray, str]:
     return _to_display(_integral_labels(plane, path, MaskReadError), affine), stored
 
 
+def _mask_plane(labels: np.ndarray, like: Radiograph | None) -> tuple[np.ndarray, np.ndarray]:
+    """The (X, Y) plane of an (H, W) label map and its NIfTI (RAS) affine: the film's own geometry when it
+    came from NIfTI, else (column, row) = (X, Y) with the pixel spacing (1 mm when unknown)."""
+    if like is not None and like.nifti_affine is not None:
+        affine = np.asarray(like.nifti_affine, dtype=np.float64)
+        return _from_display(labels, affine), affine
+    row_mm, col_mm = like.pixel_spacing if like is not None and like.pixel_spacing else (1.0, 1.0)
+    return np.ascontiguousarray(labels.T), np.diag([-col_mm, -row_mm, 1.0, 1.0])
+
+
 def _nifti_mask_bytes(labels: np.ndarray, like: Radiograph | None) -> bytes:
     """A single-file NIfTI-1 of shape (X, Y, 1), uint8, with qform and sform both set (code 1, scanner)
     so ITK/Slicer and nibabel agree on the geometry whichever form they prefer."""
     import nibabel as nib
 
-    if like is not None and like.nifti_affine is not None:
-        affine = np.asarray(like.nifti_affine, dtype=np.float64)
-        plane = _from_display(labels, affine)
-    else:
-        row_mm, col_mm = like.pixel_spacing if like is not None and like.pixel_spacing else (1.0, 1.0)
-        affine = np.diag([-col_mm, -row_mm, 1.0, 1.0])
-        plane = np.ascontiguousarray(labels.T)
+    plane, affine = _mask_plane(labels, like)
     img = nib.Nifti1Image(plane[..., None].astype(np.uint8), affine)
     img.set_data_dtype(np.uint8)
     img.set_qform(affine, code=1)
@@ -525,13 +529,7 @@ def _nrrd_mask_bytes(labels: np.ndarray, like: Radiograph | None) -> bytes:
     """An NRRD of sizes (X, Y, 1), uint8, raw: the same plane and geometry as :func:`_nifti_mask_bytes`,
     in LPS. The data is the (H, W) map row by row for PNG/DICOM films, which is also the order OHIF copies
     into its labelmap without reading the header."""
-    if like is not None and like.nifti_affine is not None:
-        affine = np.asarray(like.nifti_affine, dtype=np.float64)
-        plane = _from_display(labels, affine)
-    else:
-        row_mm, col_mm = like.pixel_spacing if like is not None and like.pixel_spacing else (1.0, 1.0)
-        affine = np.diag([-col_mm, -row_mm, 1.0, 1.0])
-        plane = np.ascontiguousarray(labels.T)
+    plane, affine = _mask_plane(labels, like)
     lps = np.diag([-1.0, -1.0, 1.0, 1.0]) @ affine
 
     def vec(v) -> str:
