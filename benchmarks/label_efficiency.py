@@ -44,6 +44,8 @@ def main(argv=None) -> int:
     ap.add_argument("--mode", default="auto", help="training mode: auto | lora | cached")
     ap.add_argument("--epochs", type=int, default=40)
     ap.add_argument("--time-budget", type=float, default=None, help="training minutes per adapter")
+    ap.add_argument("--variants", type=int, default=None,
+                    help="cached mode: augmented copies encoded per example (default: TrainConfig's)")
     ap.add_argument("--test-limit", type=int, default=None, help="evaluate on at most N test images")
     ap.add_argument("--skip-baselines", action="store_true")
     ap.add_argument("--adapters", default="runs/label_efficiency",
@@ -98,6 +100,8 @@ def main(argv=None) -> int:
                 items = load_folder(data, labels, names=train_names)
                 cfg = TrainConfig(mode=args.mode, epochs=args.epochs, seed=seed, device=str(device),
                                   time_budget_s=args.time_budget * 60 if args.time_budget else None)
+                if args.variants:
+                    cfg.cached_variants = args.variants
                 finished = sorted(Path(args.adapters).glob(f"{data.name}_s{seed}_k{k}_*/metadata.json"))
                 if args.resume and finished:  # trained by an interrupted run: evaluate it, don't train again
                     adapter = finished[-1].parent

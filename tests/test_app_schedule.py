@@ -27,7 +27,7 @@ def train_stats(server) -> dict:
 def test_schedule_retrains_only_when_new_labels_arrived(tmp_path):
     studies = copy_studies(tmp_path / "studies", [f"{c}.png" for c in CASES])
     conf = {"labels": "heart", "auto_train_after": "0", "retrain_interval": "1m", "min_train_images": "2",
-            "adapter_dir": str(tmp_path / "adapters"), "device": "cpu"}
+            "adapter_dir": str(tmp_path / "adapters"), "device": "cpu", "train_cached_copies": "1"}
     server = Server(studies, conf=conf)
     try:
         server.wait_ready()

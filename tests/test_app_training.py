@@ -33,7 +33,8 @@ def server(tmp_path_factory):
     root = tmp_path_factory.mktemp("train_e2e")
     studies = copy_studies(root / "studies", [f"{c}.png" for c in TRAIN + HELD_OUT])
     conf = {"labels": ",".join(LABELS), "auto_train_after": "3", "adapter_dir": str(root / "adapters"),
-            "train_epochs": "6", "train_time_budget_min": "5", "device": "cpu"}
+            "train_epochs": "6", "train_time_budget_min": "5", "device": "cpu",
+            "train_cached_copies": "1"}
     srv = Server(studies, conf=conf)
     try:
         srv.info = srv.wait_ready()

@@ -11,7 +11,7 @@ from xray_textseg.adapters import AdapterError, AdapterStore, load_adapter
 from xray_textseg.backbones import build_backbone
 from xray_textseg.predictor import Predictor
 from xray_textseg.text import TextEncoder
-from xray_textseg.train import TrainConfig, TrainingStopped, load_folder, train_adapter, validate
+from xray_textseg.train import TrainConfig, TrainingStopped, cached_variants_for, load_folder, train_adapter, validate
 
 LABELS = ("left_lung", "heart")
 CASES = ["chest_000", "chest_001", "chest_002", "chest_003"]
@@ -25,7 +25,7 @@ def setup(tmp_path_factory):
     items = load_folder(SAMPLE, LABELS, names=CASES)
     store = AdapterStore(root / "store")
     cfg = TrainConfig(mode="cached", epochs=3, batch_size=4, seed=0, device="cpu", val_fraction=0.25,
-                      warmup_steps=2, patience=10)
+                      warmup_steps=2, patience=10, cached_variants=1)
     path = store.new_version_path()
     meta = train_adapter(items, path, backbone=backbone, text_encoder=encoder, labels=LABELS, cfg=cfg,
                          log_path=root / "train.jsonl")
@@ -37,6 +37,7 @@ def test_training_lowers_loss_and_raises_validation_dice(setup):
     log = [json.loads(line) for line in (setup["root"] / "train.jsonl").read_text().splitlines()]
     epochs = [r for r in log if r["event"] == "epoch"]
     assert [r["epoch"] for r in epochs] == [1, 2, 3] and all(r["mode"] == "cached" for r in epochs)
+    assert [r["variants"] for r in log if r["event"] == "cached"] == [1]  # the fixture asks for one copy
     assert epochs[-1]["loss"] < epochs[0]["loss"]
     meta = setup["meta"]
     assert meta["training"]["best_epoch"] >= 1  # some epoch beat the untrained head (epoch 0)
@@ -56,9 +57,12 @@ def test_adapter_files_and_size(setup):
 
 
 def test_round_trip_reproduces_predictions_exactly(setup):
-    a = Predictor(setup["backbone"], labels=LABELS, text_encoder=setup["encoder"])
+    a = Predictor(setup["backbone"], labels=LABELS, text_encoder=setup["encoder"], max_tile_aspect=2.0,
+                  crop_margin=0.1)
     b = Predictor(setup["backbone"], labels=LABELS, text_encoder=setup["encoder"])
     a.load_adapter(setup["path"])
+    # the fine pass cuts crops as the adapter was trained, whatever the predictor was built with
+    assert (a.crop_margin, a.max_tile_aspect) == (setup["cfg"].crop_margin, setup["cfg"].max_tile_aspect)
     val_items = [it for it in setup["items"] if it.name in setup["meta"]["val_names"]]
     again = validate(a, val_items, LABELS)
     assert again["dice"] == setup["meta"]["validation"]["dice"]  # exactly what training measured
@@ -75,6 +79,7 @@ def test_round_trip_reproduces_predictions_exactly(setup):
         assert np.array_equal(ra.mask, rb.mask) and ra.score == rb.score
     a.unload_adapter()
     assert a.mode == "zero-shot" and a.head is None
+    assert (a.crop_margin, a.max_tile_aspect) == (0.1, 2.0)
 
 
 def test_store_promotes_first_and_refuses_worse(setup, tmp_path):
@@ -132,3 +137,8 @@ def test_incompatible_or_partial_adapters_are_refused(setup, tmp_path):
     with pytest.raises(AdapterError, match="medsam_vit_b"):
         p.load_adapter(other)
     assert p.mode == "zero-shot"
+
+
+def test_auto_cached_copies_give_small_sets_more_augmented_copies():
+    # about 40 encoded films: 4 copies of 8 films, 2 of 16, 1 of 24 and more; never 0, never above 4
+    assert [cached_variants_for(n) for n in (1, 8, 10, 16, 24, 40, 200)] == [4, 4, 4, 2, 1, 1, 1]

@@ -122,6 +122,7 @@ class Predictor:
         self._text_encoder = text_encoder
         self._text_encoder_path = text_encoder_path
         self._base = (backbone.image_encoder, backbone.mask_decoder, self.priors)
+        self._base_geometry = (crop_margin, max_tile_aspect)
         self._image: Radiograph | None = None
         self._hash = ""
         self._lock = threading.RLock()
@@ -155,7 +156,8 @@ class Predictor:
 
     def load_adapter(self, path, merge: bool = True) -> None:
         """Use the adapter in ``path`` (see ``adapters.py``) for all further predictions. ``merge`` folds the
-        LoRA weights into the encoder (no run-time overhead). Raises AdapterError when it does not fit."""
+        LoRA weights into the encoder (no run-time overhead). The fine pass then cuts its crops with the
+        adapter's training geometry (``crop_margin``, ``max_tile_aspect``). Raises AdapterError when it does not fit."""
         import copy
 
         from .adapters import AdapterError, lora_encoder
@@ -192,6 +194,10 @@ class Predictor:
             self.adapter_version = adapter.version
             self.adapter_metadata = meta
             self.encoder_version = adapter.version if adapter.has_lora else "base"
+            # the fine pass must cut crops the way the adapter's decoder saw them in training
+            trained = meta.get("training", {}).get("config", {})
+            self.crop_margin = float(trained.get("crop_margin", self._base_geometry[0]))
+            self.max_tile_aspect = float(trained.get("max_tile_aspect", self._base_geometry[1]))
             self._generation += 1
 
     def unload_adapter(self) -> None:
@@ -200,6 +206,7 @@ class Predictor:
             encoder, decoder, priors = self._base
             self.backbone.image_encoder, self.backbone.mask_decoder, self.priors = encoder, decoder, priors
             self.head, self.adapter_version, self.adapter_metadata, self.encoder_version = None, "none", {}, "base"
+            self.crop_margin, self.max_tile_aspect = self._base_geometry
             self._generation += 1
 
     @torch.inference_mode()

@@ -21,6 +21,7 @@ class AppOptions:
     train_epochs: int = 40  # upper bound; early stopping and the time budget usually end sooner
     train_time_budget_min: int = 12  # minutes of training before the best epoch is kept (0 = no limit)
     train_mode: str = "auto"  # auto (lora on CUDA, cached on CPU) | lora | cached
+    train_cached_copies: int = 0  # cached mode: augmented copies encoded per film; 0 = auto (4 for <= 10 films, fewer above)
 
     @property
     def retrain_seconds(self) -> int:

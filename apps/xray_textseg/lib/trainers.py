@@ -92,7 +92,7 @@ class AdapterTrainer(TrainTask):
     def config(self) -> dict[str, Any]:
         o = self.app.options
         return {"epochs": o.train_epochs, "mode": o.train_mode, "time_budget_min": float(o.train_time_budget_min),
-                "val_fraction": 0.2, "seed": 0}
+                "cached_copies": o.train_cached_copies, "val_fraction": 0.2, "seed": 0}
 
     def stats(self) -> dict[str, Any]:
         path = self.store.root / STATS_FILE
@@ -125,7 +125,8 @@ class AdapterTrainer(TrainTask):
             return {"status": "skipped", "reason": msg}
         cfg = TrainConfig(mode=str(conf["mode"]), epochs=int(conf["epochs"]), seed=int(conf["seed"]),
                           val_fraction=float(conf["val_fraction"]), device=self.app.options.device,
-                          time_budget_s=float(conf["time_budget_min"]) * 60 or None, patience=8)
+                          time_budget_s=float(conf["time_budget_min"]) * 60 or None, patience=8,
+                          cached_variants=int(conf["cached_copies"]))
         train_items, val_items = split_items(items, cfg.val_fraction, cfg.seed, cfg.min_val_images)
         version_path = self.store.new_version_path()
         stats = {"status": "running", "version": version_path.name, "epoch": 0, "total_epochs": cfg.epochs,
