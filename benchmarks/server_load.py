@@ -12,7 +12,9 @@ Measures, on 127.0.0.1:
 * N concurrent clients (closed loop, each sends its next request when the last one answered) on warm
   studies: requests/s, p50/p95 latency, error count;
 * the embedding cache shared by active learning and infer: ``/activelearning/uncertainty`` scores images
-  with the served predictor, then an infer on the chosen image reports a cache hit for its whole film.
+  with the served predictor, then an infer on the chosen image reports a cache hit for its whole film;
+* prefetch: the next film active learning proposes is warmed in the background (film encoded, the last
+  prompt's labels segmented); the first prompt on it after the warm-up (``--conf prefetch=false`` to compare).
 
 Requests use ``output=all`` (label NIfTI + params, what the viewers get); the params carry the server-side
 latency, reported beside the client-side one. Background scoring is off (``MONAI_LABEL_AUTO_UPDATE_SCORING
@@ -213,6 +215,7 @@ def main(argv=None) -> int:
             # active learning scores unscored films with the served predictor (whole film, one encode each);
             # a first infer on a film that was scored but never requested then finds its whole-film embedding
             # in the same cache (a hit), and only the crop of the new structure is encoded
+            prompt = "heart" if args.prompt != "heart" else "left lung"
             t = time.perf_counter()
             r = client.post("/activelearning/uncertainty", json={}, timeout=600)
             al_s = time.perf_counter() - t
@@ -220,7 +223,6 @@ def main(argv=None) -> int:
                 body = r.json()
                 al = {"strategy_s": round(al_s, 2), "scored": body.get("scored"), "picked": body.get("id"),
                       "first_infer_on_unrequested_films": []}
-                prompt = "heart" if args.prompt != "heart" else "left lung"
                 for film in ids[args.repeats + 1: args.repeats + 4]:
                     dt, status, params = infer(client, film, prompt)
                     al["first_infer_on_unrequested_films"].append(
@@ -234,6 +236,22 @@ def main(argv=None) -> int:
                       flush=True)
             else:
                 errors.append(f"activelearning: {r.status_code} {r.text[:200]}")
+            # prefetch: the film active learning proposes is encoded, and the last prompt's labels segmented,
+            # in the background; the clinician's first prompt on it then comes from the result cache
+            r = client.post("/activelearning/uncertainty", json={}, timeout=600)
+            if r.status_code == 200 and r.json().get("id"):
+                picked, deadline, state = r.json()["id"], time.time() + 300, {}
+                while time.time() < deadline:
+                    state = client.get("/info/").json().get("prefetch") or {}
+                    if state.get("status") != "running":
+                        break
+                    time.sleep(0.2)
+                dt, status, params = infer(client, picked, prompt)
+                record("first prompt on the proposed film, after prefetch", dt, status, params)
+                result["prefetch"] = {"film": picked, "state": state, "ms": round(dt * 1e3, 1),
+                                      "cache": params.get("cache")}
+                print(f"  prefetch of {picked}: {state}; first prompt {dt * 1e3:.0f} ms, cache {params.get('cache')}",
+                      flush=True)
     finally:
         if monitor is not None:
             monitor.stop()

@@ -29,8 +29,10 @@ def predictor():
 
 @pytest.fixture
 def fresh_predictor(predictor):
-    """The session predictor with an empty cache and no adapter, restored after the test."""
+    """The session predictor with empty caches and no adapter, restored after the test."""
     predictor.cache.clear()
+    predictor.results.clear()
     yield predictor
     predictor.unload_adapter() if hasattr(predictor, "unload_adapter") else None
     predictor.cache.clear()
+    predictor.results.clear()

@@ -43,6 +43,23 @@ def test_second_prompt_reuses_the_embedding(fresh_predictor):
     assert fresh_predictor.predict("right lung", refine=False).cache == {"hits": 1, "misses": 0, "result_hits": 0}
 
 
+
+def test_warm_fills_the_caches_without_changing_the_current_image(fresh_predictor):
+    """The background warm-up (prefetch) encodes another film and segments the asked labels into the result
+    cache; the film being served stays current, and a request for a warmed label decodes nothing."""
+    p = fresh_predictor
+    p.set_image(SAMPLE / "images" / "chest_000.png")
+    served = p.predict("left lung", refine=False)
+    other = load_radiograph(SAMPLE / "images" / "chest_003.png")
+    assert p.warm(other, ["heart"]) == 1
+    assert p.warm(other, ["heart"]) == 0  # already there
+    again = p.predict("left lung", refine=False)  # still chest_000
+    assert again.cache["result_hits"] == 1 and np.array_equal(again.mask("left_lung"), served.mask("left_lung"))
+    p.set_image(other)
+    assert p.predict("heart").cache == {"hits": 0, "misses": 0, "result_hits": 1}
+    assert p.predict("right lung", refine=False).cache == {"hits": 1, "misses": 0, "result_hits": 0}  # film encoded
+    assert p.warm(load_radiograph(SAMPLE / "images" / "chest_004.png"), ["heart"], should_stop=lambda: True) == 0
+
 def test_repeated_labels_come_from_the_result_cache(fresh_predictor):
     """A label asked again on the same image (same weights, box, settings) is not decoded again; the mask is
     the one computed first. Another box, another adapter state or refine=False are new results."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import json
 import shutil
+import time
 
 import nibabel as nib
 import numpy as np
@@ -123,3 +124,25 @@ def test_box_refinement_and_bad_box(server):
     r = server.client.post("/infer/xray_textseg", params={"image": "chest_000"},
                            data={"params": json.dumps({"prompt": "lungs", "box": [1, 1, 50, 50]})})
     assert r.status_code == 400 and "exactly one" in r.text
+
+
+def test_next_sample_is_warmed_with_the_labels_of_the_last_prompt(server):
+    """Active learning's pick is encoded, and the last prompt's labels segmented, before the clinician asks."""
+    def infer(image, prompt):
+        r = server.client.post("/infer/xray_textseg", params={"image": image, "output": "json"},
+                               data={"params": json.dumps({"prompt": prompt})})
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    first = server.client.post("/activelearning/first", json={}).json()["id"]
+    infer("chest_001" if first != "chest_001" else "chest_000", "right clavicle")  # on another film
+    assert server.client.post("/activelearning/first", json={}).json()["id"] == first
+    deadline = time.time() + 180
+    while True:
+        state = server.client.get("/info/").json()["prefetch"]
+        if state["image"] == first and state["status"] != "running":
+            break
+        assert time.time() < deadline, state
+        time.sleep(0.5)
+    assert state["status"] == "done" and state["labels"] == ["right_clavicle"] and state["segmented"] == 1, state
+    assert infer(first, "right clavicle")["cache"] == {"hits": 0, "misses": 0, "result_hits": 1}

@@ -29,6 +29,7 @@ from lib.trainers import AdapterTrainer  # noqa: E402
 from xray_textseg.adapters import AdapterStore  # noqa: E402
 from xray_textseg.io import write_atomic  # noqa: E402
 from xray_textseg.predictor import build_predictor  # noqa: E402
+from xray_textseg.prefetch import Prefetcher  # noqa: E402
 
 TRAIN_TASK = "xray_textseg_train"
 
@@ -45,6 +46,7 @@ class XrayTextSegApp(MONAILabelApp):
                                          labels=o.labels, refine=o.refine, cache_size=o.cache_size,
                                          text_encoder=o.text_encoder or None)
         self.store = AdapterStore(o.adapter_dir or os.path.join(app_dir, "model", "adapters"))
+        self.prefetcher = Prefetcher(self.predictor) if o.prefetch else None
         self._autotrain_lock = threading.Lock()
         logger.info("adapter store %s, current adapter: %s", self.store.root, self.store.current() or "none")
         super().__init__(
@@ -87,6 +89,21 @@ class XrayTextSegApp(MONAILabelApp):
         if is_dicomweb(self.studies):
             return init_dicomweb_datastore(self.studies)
         return super().init_remote_datastore()
+
+    def next_sample(self, request):
+        """Active learning's pick, then a background warm-up of that film while the viewer opens it (the labels
+        of the last prompt are segmented ahead: ``lib/xray_textseg/prefetch.py``)."""
+        res = super().next_sample(request)
+        if self.prefetcher is not None and res.get("path"):
+            infer = self._infers.get("xray_textseg")
+            self.prefetcher.submit(res["path"], getattr(infer, "last_labels", []), image_id=res.get("id"))
+        return res
+
+    def info(self):
+        meta = super().info()
+        if self.prefetcher is not None:
+            meta["prefetch"] = self.prefetcher.status()
+        return meta
 
     # --- learning from saved labels ---------------------------------------------------------------
     def _autotrain_state(self) -> dict:

@@ -126,6 +126,8 @@ class Predictor:
         self._image: Radiograph | None = None
         self._hash = ""
         self._lock = threading.RLock()
+        self._pending = 0  # predict calls waiting for or holding the lock: background warm-up yields to them
+        self._pending_lock = threading.Lock()
 
     # --- state ------------------------------------------------------------------------------------
     @property
@@ -350,24 +352,61 @@ class Predictor:
             raise RuntimeError("call set_image before predict")
         parsed = _as_parsed(prompt, self.labels)
         refine = self.refine if refine is None else refine
-        with self._lock:
-            t0 = time.perf_counter()
-            hits0, misses0 = self.cache.hits, self.cache.misses
-            keys = [self._result_key(p.label, (boxes or {}).get(p.label), refine) for p in parsed]
-            results: list[LabelResult | None] = [self.results.get(k) for k in keys]
-            todo = [i for i, r in enumerate(results) if r is None]
-            timings = {"coarse": 0.0, "fine": 0.0}
-            if todo:
-                fresh, timings = self._segment([parsed[i] for i in todo], boxes, refine)
-                for i, r in zip(todo, fresh):
-                    results[i] = r
-                    self.results.put(keys[i], r)
-            t1 = time.perf_counter()
-            return Prediction(
-                results, self.mode, self._image.shape, timings_ms={**timings, "total": 1e3 * (t1 - t0)},
-                cache={"hits": self.cache.hits - hits0, "misses": self.cache.misses - misses0,
-                       "result_hits": len(parsed) - len(todo)},
-            )
+        with self._pending_lock:
+            self._pending += 1
+        try:
+            with self._lock:
+                return self._predict_locked(parsed, boxes, refine)
+        finally:
+            with self._pending_lock:
+                self._pending -= 1
+
+    def _predict_locked(self, parsed: list[ParsedLabel], boxes: dict[str, list[float]] | None,
+                        refine: bool) -> Prediction:
+        t0 = time.perf_counter()
+        hits0, misses0 = self.cache.hits, self.cache.misses
+        keys = [self._result_key(p.label, (boxes or {}).get(p.label), refine) for p in parsed]
+        results: list[LabelResult | None] = [self.results.get(k) for k in keys]
+        todo = [i for i, r in enumerate(results) if r is None]
+        timings = {"coarse": 0.0, "fine": 0.0}
+        if todo:
+            fresh, timings = self._segment([parsed[i] for i in todo], boxes, refine)
+            for i, r in zip(todo, fresh):
+                results[i] = r
+                self.results.put(keys[i], r)
+        t1 = time.perf_counter()
+        return Prediction(
+            results, self.mode, self._image.shape, timings_ms={**timings, "total": 1e3 * (t1 - t0)},
+            cache={"hits": self.cache.hits - hits0, "misses": self.cache.misses - misses0,
+                   "result_hits": len(parsed) - len(todo)},
+        )
+
+    def warm(self, image: Radiograph, labels: list[str] | tuple[str, ...] = (),
+             should_stop=lambda: False) -> int:
+        """Fill the caches for ``image`` without changing the current image: its whole-film embedding, then the
+        final masks of ``labels`` one label at a time (so a user's prompt for them is answered from the result
+        cache). For a background thread: between steps it waits while a :meth:`predict` call is pending and it
+        ends early when ``should_stop()``. Returns the number of labels segmented."""
+        h = image.content_hash()
+        steps: list[str | None] = [None, *[p.label for p in _as_parsed(list(labels), self.labels)]]
+        computed = 0
+        for label in steps:
+            while self._pending and not should_stop():
+                time.sleep(0.05)
+            if should_stop():
+                break
+            with self._lock:
+                saved = (self._image, self._hash)
+                self._image, self._hash = image, h
+                try:
+                    if label is None:
+                        self.embedding(self.coarse_view())
+                    elif self._result_key(label, None, self.refine) not in self.results:
+                        self._predict_locked(_as_parsed([label], self.labels), None, self.refine)
+                        computed += 1
+                finally:
+                    self._image, self._hash = saved
+        return computed
 
     def _segment(self, parsed: list[ParsedLabel], boxes: dict[str, list[float]] | None,
                  refine: bool) -> tuple[list[LabelResult], dict[str, float]]:

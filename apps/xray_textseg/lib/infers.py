@@ -39,6 +39,7 @@ class TextPromptSegmentation(InferTask):
         self.store = store
         self._synced: tuple | None = None  # the current.json state last synced
         self._broken: set[str] = set()  # versions that failed to load
+        self.last_labels: list[str] = []  # the labels of the last prompt: what a prefetch segments ahead
         self.sync_adapter()
 
     def sync_adapter(self) -> None:
@@ -139,6 +140,7 @@ class TextPromptSegmentation(InferTask):
         self.sync_adapter()
         self.predictor.set_image(image)
         prediction = self.predictor.predict(prompt, boxes=boxes)
+        self.last_labels = [p.label for p in labels]
 
         label_map = prediction.label_map_with_values(LABEL_VALUES)
         # NIfTI, or the raw NRRD OHIF's MONAI Label panel asks for (result_extension ".nrrd")
