@@ -43,7 +43,7 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--mode", default="auto", help="training mode: auto | lora | cached")
     ap.add_argument("--epochs", type=int, default=40)
-    ap.add_argument("--time-budget", type=float, default=None, help="training minutes per adapter")
+    ap.add_argument("--time-budget", type=float, default=None, help="minutes per adapter, encoding included (the final validation comes on top)")
     ap.add_argument("--variants", type=int, default=None,
                     help="cached mode: augmented copies encoded per example (default: TrainConfig's)")
     ap.add_argument("--test-limit", type=int, default=None, help="evaluate on at most N test images")

@@ -142,3 +142,17 @@ def test_incompatible_or_partial_adapters_are_refused(setup, tmp_path):
 def test_auto_cached_copies_give_small_sets_more_augmented_copies():
     # about 40 encoded films: 4 copies of 8 films, 2 of 16, 1 of 24 and more; never 0, never above 4
     assert [cached_variants_for(n) for n in (1, 8, 10, 16, 24, 40, 200)] == [4, 4, 4, 2, 1, 1, 1]
+
+
+def test_time_budget_counts_encoding_and_ends_inside_an_epoch(setup, tmp_path):
+    """The budget runs from the start (encoding included): over it, the epoch in progress stops at the next
+    step, is validated, and its weights are kept; the adapter is still written and validated."""
+    cfg = TrainConfig(mode="cached", epochs=5, batch_size=1, seed=0, device="cpu", val_fraction=0.5,
+                      cached_variants=1, time_budget_s=0.01)
+    log = tmp_path / "train.jsonl"
+    meta = train_adapter(setup["items"][:2], tmp_path / "v0001", backbone=setup["backbone"],
+                         text_encoder=setup["encoder"], labels=("heart",), cfg=cfg, log_path=log)
+    epochs = [r for r in map(json.loads, log.read_text().splitlines()) if r["event"] == "epoch"]
+    assert meta["training"]["stopped"] == "time budget" and meta["training"]["epochs_run"] == 1
+    assert len(epochs) == 1 and epochs[0]["steps"] == 1  # of 2 (1 film x heart x coarse + fine, batch 1)
+    assert set(meta["validation"]["dice"]) == {"heart"}

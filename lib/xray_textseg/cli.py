@@ -226,7 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=40)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--val-fraction", type=float, default=0.2)
-    p.add_argument("--time-budget", type=float, default=None, help="minutes of training before keeping the best")
+    p.add_argument("--time-budget", type=float, default=None, help="minutes (encoding included) before keeping the best epoch")
     p.add_argument("--cases", default=None, help="comma list of case names to train on (default: all)")
     p.add_argument("--seed", type=int, default=0)
     _add_model_options(p)
