@@ -140,8 +140,9 @@ def test_incompatible_or_partial_adapters_are_refused(setup, tmp_path):
 
 
 def test_auto_cached_copies_give_small_sets_more_augmented_copies():
-    # about 40 encoded films: 4 copies of 8 films, 2 of 16, 1 of 24 and more; never 0, never above 4
-    assert [cached_variants_for(n) for n in (1, 8, 10, 16, 24, 40, 200)] == [4, 4, 4, 2, 1, 1, 1]
+    # about 100 encodes (a film and a crop per label, per copy); never 0 copies, never more than 4
+    assert [cached_variants_for(n, 2) for n in (1, 8, 10, 16, 24, 200)] == [4, 4, 3, 2, 1, 1]  # femur, tibia
+    assert [cached_variants_for(n, 5) for n in (1, 8, 16, 24)] == [4, 2, 1, 1]  # five chest labels
 
 
 def test_time_budget_counts_encoding_and_ends_inside_an_epoch(setup, tmp_path):

@@ -75,11 +75,12 @@ class TrainConfig:
     # wall-clock budget from the start of fit (encoding included): over it, the epoch in progress ends at the next
     # step, is validated, and the best epoch is kept. The final validation through the serving path comes on top.
     time_budget_s: float | None = None
-    # cached mode: augmented copies encoded per training film; 0 = auto: as many (1-4) as keep the films encoded
-    # to about ``cached_films`` (8 films x 4 copies beat 8 x 1 on OAI: validation femur 0.82 vs 0.79, tibia 0.73
-    # vs 0.67, for 4x the encoding time; large sets get diversity from their own films)
+    # cached mode: augmented copies encoded per training film; 0 = auto: as many (1-4) as keep the encodes (one
+    # whole film + one crop per label, per copy) to about ``cached_encodes``. 8 OAI films x 4 copies beat 8 x 1:
+    # validation femur 0.82 vs 0.79, tibia 0.73 vs 0.67. An encode takes ~2-3 s on 2 CPU cores, so 100 encodes
+    # are ~4-5 minutes of a training budget; large sets get their diversity from their own films.
     cached_variants: int = 0
-    cached_films: int = 40
+    cached_encodes: int = 100
     crop_margin: float = 0.15  # the predictor takes both from the adapter's metadata
     # fine crops: one stretched crop up to 1:8, tiles beyond. A decoder trained on whole stretched long bones
     # beats one trained on 1:2 tiles (OAI k=10, seed 0, 10 test films: femur 0.74 vs 0.65, tibia 0.63 vs 0.58)
@@ -160,9 +161,10 @@ def fit_priors(items: list[TrainItem], labels: tuple[str, ...]) -> PriorBoxes:
     return priors
 
 
-def cached_variants_for(n_films: int, target: int = 40) -> int:
-    """Augmented copies per film in cached mode: the most (up to 4) that keep ``n_films`` x copies <= ``target``."""
-    return max(1, min(4, target // max(1, n_films)))
+def cached_variants_for(n_films: int, n_labels: int = 1, target: int = 100) -> int:
+    """Augmented copies per film in cached mode: the most (1 to 4) that keep the encodes, ``n_films`` x
+    (1 + ``n_labels``) per copy, within ``target``."""
+    return max(1, min(4, target // max(1, n_films * (1 + n_labels))))
 
 
 def coarse_view(shape: tuple[int, int], backbone: Backbone) -> View:
@@ -422,7 +424,8 @@ class Trainer:
             val = self._examples(val_items, priors, np.random.default_rng(cfg.seed + 1), train=False)
             cached_train = None
             if self.mode == "cached":
-                variants = cfg.cached_variants or cached_variants_for(len(train_items), cfg.cached_films)
+                variants = cfg.cached_variants or cached_variants_for(len(train_items), len(self.labels),
+                                                                      cfg.cached_encodes)
                 logger.info("cached mode: %d augmented cop%s of each of %d training films", variants,
                             "y" if variants == 1 else "ies", len(train_items))
                 self._log({"event": "cached", "variants": variants, "films": len(train_items)})

@@ -22,7 +22,7 @@ class AppOptions:
     train_epochs: int = 40  # upper bound; early stopping and the time budget usually end sooner
     train_time_budget_min: int = 13  # minutes (encoding included) before the best epoch is kept (0 = no limit)
     train_mode: str = "auto"  # auto (lora on CUDA, cached on CPU) | lora | cached
-    train_cached_copies: int = 0  # cached mode: augmented copies encoded per film; 0 = auto (4 for <= 10 films, fewer above)
+    train_cached_copies: int = 0  # cached mode: augmented copies encoded per film; 0 = auto (1-4, ~100 encodes)
 
     @property
     def retrain_seconds(self) -> int:
