@@ -52,14 +52,13 @@ class Prefetcher:
         status, error, n = "done", None, 0
         try:
             n = self.predictor.warm(load_radiograph(path), labels, should_stop=superseded)
-            if superseded():
-                status = "superseded"
         except Exception as exc:  # noqa: BLE001 - a warm-up must never take the service down
             status, error = "failed", str(exc)
             logger.warning("prefetch of %s failed: %s", path, exc)
         seconds = round(time.perf_counter() - t0, 2)
         with self._lock:
-            if generation == self._generation:
-                self._state.update(status=status, segmented=n, seconds=seconds, **({"error": error} if error else {}))
+            if superseded():  # a newer submit owns the state now
+                return
+            self._state.update(status=status, segmented=n, seconds=seconds, **({"error": error} if error else {}))
         if status == "done":
             logger.info("prefetched %s: film encoded, %d label(s) segmented %s in %.1f s", path, n, labels, seconds)
