@@ -99,9 +99,8 @@ def main(argv=None) -> int:
                 train_names = order[:k]
                 items = load_folder(data, labels, names=train_names)
                 cfg = TrainConfig(mode=args.mode, epochs=args.epochs, seed=seed, device=str(device),
-                                  time_budget_s=args.time_budget * 60 if args.time_budget else None)
-                if args.variants:
-                    cfg.cached_variants = args.variants
+                                  time_budget_s=args.time_budget * 60 if args.time_budget else None,
+                                  cached_variants=args.variants or 0)
                 finished = sorted(Path(args.adapters).glob(f"{data.name}_s{seed}_k{k}_*/metadata.json"))
                 if args.resume and finished:  # trained by an interrupted run: evaluate it, don't train again
                     adapter = finished[-1].parent

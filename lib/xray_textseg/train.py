@@ -414,6 +414,10 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         rng = np.random.default_rng(cfg.seed)
         t_start = time.perf_counter()
+
+        def over_budget() -> bool:
+            return bool(cfg.time_budget_s) and time.perf_counter() - t_start > cfg.time_budget_s
+
         logger.info("training mode=%s device=%s train images=%d val images=%d labels=%s", self.mode, self.device,
                     len(train_items), len(val_items), ",".join(self.labels))
         self._log({"event": "start", "mode": self.mode, "device": str(self.device), "train_images": len(train_items),
@@ -478,7 +482,7 @@ class Trainer:
                     opt.step()
                     sched.step()
                     losses.append(loss.item())
-                    if cfg.time_budget_s and time.perf_counter() - t_start > cfg.time_budget_s:
+                    if over_budget():
                         break  # the rest of this epoch is skipped; it is still validated below
                     if self.should_stop():
                         raise _Stop()
@@ -503,7 +507,7 @@ class Trainer:
                 if val and stale >= cfg.patience:
                     result.stopped = "early stop"
                     break
-                if cfg.time_budget_s and time.perf_counter() - t_start > cfg.time_budget_s:
+                if over_budget():
                     result.stopped = "time budget"
                     break
             else:
