@@ -11,7 +11,8 @@ from xray_textseg.adapters import AdapterError, AdapterStore, load_adapter
 from xray_textseg.backbones import build_backbone
 from xray_textseg.predictor import Predictor
 from xray_textseg.text import TextEncoder
-from xray_textseg.train import TrainConfig, TrainingStopped, cached_variants_for, load_folder, train_adapter, validate
+from xray_textseg.train import (TrainConfig, TrainingStopped, _shift_box, cached_variants_for, load_folder, train_adapter,
+                                validate)
 
 LABELS = ("left_lung", "heart")
 CASES = ["chest_000", "chest_001", "chest_002", "chest_003"]
@@ -143,6 +144,20 @@ def test_auto_cached_copies_give_small_sets_more_augmented_copies():
     # about 100 encodes (a film and a crop per label, per copy); never 0 copies, never more than 4
     assert [cached_variants_for(n, 2) for n in (1, 8, 10, 16, 24, 200)] == [4, 4, 3, 2, 1, 1]  # femur, tibia
     assert [cached_variants_for(n, 5) for n in (1, 8, 16, 24)] == [4, 2, 1, 1]  # five chest labels
+
+
+def test_shifted_fine_boxes_keep_their_size_and_stay_inside_the_image():
+    rng = np.random.default_rng(0)
+    shape = (200, 100)  # H, W
+    for box in (np.array([10, 20, 60, 120], np.float32), np.array([0, 0, 99, 199], np.float32),
+                np.array([80, 150, 99, 199], np.float32)):
+        moved = [_shift_box(box, rng, 0.25, shape) for _ in range(200)]
+        for m in moved:
+            np.testing.assert_allclose(m[2:] - m[:2], box[2:] - box[:2], atol=1e-4)
+            assert m[0] >= 0 and m[1] >= 0 and m[2] <= shape[1] - 1 and m[3] <= shape[0] - 1
+        dx = np.array([m[0] - box[0] for m in moved])
+        if box[0] == 10:  # room on both sides: moved both ways, by at most a quarter of the width
+            assert dx.min() < -5 and dx.max() > 5 and np.abs(dx).max() <= 0.25 * 50 + 1e-4
 
 
 def test_time_budget_counts_encoding_and_ends_inside_an_epoch(setup, tmp_path):

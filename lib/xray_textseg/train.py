@@ -85,6 +85,9 @@ class TrainConfig:
     # fine crops: one stretched crop up to 1:8, tiles beyond. A decoder trained on whole stretched long bones
     # beats one trained on 1:2 tiles (OAI k=10, seed 0, 10 test films: femur 0.74 vs 0.65, tibia 0.63 vs 0.58)
     max_tile_aspect: float = 8.0
+    # fine training boxes: the true box grown by U(-0.05, 0.3) per side, then shifted by U(-s, s) of its size
+    # per axis: at serving time the fine box comes from the coarse mask and is often off-centre
+    fine_shift: float = 0.0
     augment: bool = True
 
 
@@ -189,6 +192,15 @@ def _jitter_box(box: np.ndarray, rng: np.random.Generator, lo: float, hi: float,
     return out
 
 
+def _shift_box(box: np.ndarray, rng: np.random.Generator, fraction: float, shape) -> np.ndarray:
+    """``box`` moved by U(-fraction, fraction) of its width and height, kept inside the image."""
+    x0, y0, x1, y1 = (float(v) for v in box)
+    H, W = shape
+    dx = float(np.clip(rng.uniform(-fraction, fraction) * (x1 - x0), -x0, W - 1 - x1))
+    dy = float(np.clip(rng.uniform(-fraction, fraction) * (y1 - y0), -y0, H - 1 - y1))
+    return np.array([x0 + dx, y0 + dy, x1 + dx, y1 + dy], dtype=np.float32)
+
+
 def draw_example(item: TrainItem, label: str, kind: str, rng: np.random.Generator, priors: PriorBoxes,
                  backbone: Backbone, cfg: TrainConfig, res: int, train: bool = True) -> Example:
     """One example as the predictor would see it, with random jitter when ``train``."""
@@ -204,6 +216,8 @@ def draw_example(item: TrainItem, label: str, kind: str, rng: np.random.Generato
     else:
         gt = np.asarray(mask_box(mask), dtype=np.float32)
         box = _jitter_box(gt, rng, -0.05, 0.3, shape) if train else _jitter_box(gt, rng, 0.15, 0.15, shape)
+        if train and cfg.fine_shift:
+            box = _shift_box(box, rng, cfg.fine_shift, shape)
         tiles = tile_boxes(box, cfg.max_tile_aspect)
         box = tiles[int(rng.integers(len(tiles)))] if train else tiles[len(tiles) // 2]
         view = View.crop(shape, box, backbone.input_size, margin=cfg.crop_margin)
@@ -328,7 +342,7 @@ class Trainer:
                         out.append(ex)
         return out
 
-    @torch.no_grad()
+    @torch.inference_mode()  # ~20 % faster than no_grad on CPU; the stored embeddings are only ever read
     def _encode_all(self, examples: list[Example], what: str) -> None:
         t0 = time.perf_counter()
         bs = 16 if self.device.type == "cuda" else 4
