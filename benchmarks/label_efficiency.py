@@ -8,6 +8,9 @@ adapter. Writes JSON, a Markdown table and a plot.
 
     python benchmarks/label_efficiency.py --data ../shared/xray_real/jsrt_chest ../shared/xray_real/oai_lower_limb \
         --k 5 10 20 30 --seeds 0 1 --out docs/label_efficiency [--device cuda] [--test-limit 10]
+
+Experiments: ``--labels left_clavicle right_clavicle`` trains and tests only those labels; ``--set
+fine_shift=0.25`` sets any other TrainConfig field (see docs/results.md for the runs made this way).
 """
 
 from __future__ import annotations
@@ -46,6 +49,9 @@ def main(argv=None) -> int:
     ap.add_argument("--time-budget", type=float, default=None, help="minutes per adapter, encoding included (the final validation comes on top)")
     ap.add_argument("--variants", type=int, default=None,
                     help="cached mode: augmented copies encoded per example (default: TrainConfig's)")
+    ap.add_argument("--labels", nargs="+", default=None, help="train and evaluate only these labels (default: all in DATA)")
+    ap.add_argument("--set", nargs="+", default=[], metavar="FIELD=VALUE",
+                    help="other TrainConfig fields, e.g. --set fine_shift=0.25 (values parsed as JSON)")
     ap.add_argument("--test-limit", type=int, default=None, help="evaluate on at most N test images")
     ap.add_argument("--skip-baselines", action="store_true")
     ap.add_argument("--adapters", default="runs/label_efficiency",
@@ -68,11 +74,12 @@ def main(argv=None) -> int:
         tmp.write_text(json.dumps(rows, indent=2))
         tmp.replace(results)
 
+    overrides = parse_overrides(args.set)
     device = resolve_device(args.device)
     backbone = build_backbone(device=device)
     encoder = TextEncoder(device=device)
     for data in map(Path, args.data):
-        labels = labels_of(data)
+        labels = tuple(args.labels) if args.labels else labels_of(data)
         cases = [c[0] for c in list_cases(data)]
         for seed in args.seeds:
             order = cases[:]
@@ -100,7 +107,7 @@ def main(argv=None) -> int:
                 items = load_folder(data, labels, names=train_names)
                 cfg = TrainConfig(mode=args.mode, epochs=args.epochs, seed=seed, device=str(device),
                                   time_budget_s=args.time_budget * 60 if args.time_budget else None,
-                                  cached_variants=args.variants or 0)
+                                  cached_variants=args.variants or 0, **overrides)
                 finished = sorted(Path(args.adapters).glob(f"{data.name}_s{seed}_k{k}_*/metadata.json"))
                 if args.resume and finished:  # trained by an interrupted run: evaluate it, don't train again
                     adapter = finished[-1].parent
@@ -129,6 +136,21 @@ def main(argv=None) -> int:
     print(table)
     plot(rows, out / "label_efficiency.png")
     return 0
+
+
+def parse_overrides(pairs: list[str]) -> dict:
+    """``["fine_shift=0.25", ...]`` -> TrainConfig keyword arguments; unknown fields are an error."""
+    fields = set(TrainConfig.__dataclass_fields__)
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or key not in fields:
+            raise SystemExit(f"--set {pair!r}: expected FIELD=VALUE with FIELD one of {sorted(fields)}")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
 
 
 def markdown(rows: list[dict]) -> str:
