@@ -89,7 +89,7 @@ class Predictor:
         """``result_cache``: final masks kept (bit-packed, per image x label x weights x box; 0 turns it off).
         ``batch_fine``: encode the fine crops of a request in batches and decode them in one pass (False:
         one crop at a time, the original loop). ``encode_batch``: crops per encoder call (default 16 on CUDA,
-        4 for LiteMedSAM on CPU, 1 for ViT-B on CPU where one 1024 px image already needs ~1 GB).
+        1 on CPU: there a LiteMedSAM encode costs 1.95 / 2.74 / 3.86 s per image at batch 1 / 2 / 4 on 2 cores).
         ``precision``: "fp32" (default, exact), "tf32" (TF32 matmuls/convolutions, CUDA) or "bf16"
         (bfloat16 autocast of encoder and decoder, CUDA)."""
         if precision not in PRECISIONS:
@@ -103,7 +103,7 @@ class Predictor:
         self.precision = precision
         self.batch_fine = batch_fine
         if encode_batch is None:
-            encode_batch = 16 if backbone.device.type == "cuda" else (2 if backbone.input_size <= 256 else 1)
+            encode_batch = 16 if backbone.device.type == "cuda" else 1
         self.encode_batch = max(1, int(encode_batch))
         self.backbone = backbone
         self.priors = priors or PriorBoxes()
