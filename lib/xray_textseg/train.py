@@ -77,8 +77,9 @@ class TrainConfig:
     time_budget_s: float | None = None
     # cached mode: augmented copies encoded per training film; 0 = auto: as many (1-4) as keep the encodes (one
     # whole film + one crop per label, per copy) to about ``cached_encodes``. 8 OAI films x 4 copies beat 8 x 1:
-    # validation femur 0.82 vs 0.79, tibia 0.73 vs 0.67. A training encode took ~3.7 s on 2 CPU cores, so 100
-    # encodes are ~6 minutes of a training budget; large sets get their diversity from their own films.
+    # validation femur 0.82 vs 0.79, tibia 0.73 vs 0.67. A training encode takes ~2.2 s on 2 CPU cores at batch 1
+    # (3.7 s at the old batch 4), so 100 encodes are ~4 minutes of a training budget; large sets get their
+    # diversity from their own films.
     cached_variants: int = 0
     cached_encodes: int = 100
     crop_margin: float = 0.15  # the predictor takes both from the adapter's metadata
