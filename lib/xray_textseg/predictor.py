@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .backbones import Backbone
+from .backbones import Backbone, encode_batch_size
 from .cache import LRU, EmbeddingCache
 from .io import Radiograph, load_radiograph, radiograph_from_array
 from .priors import PriorBoxes
@@ -88,8 +88,8 @@ class Predictor:
                  precision: str = "fp32", result_cache: int = 64):
         """``result_cache``: final masks kept (bit-packed, per image x label x weights x box; 0 turns it off).
         ``batch_fine``: encode the fine crops of a request in batches and decode them in one pass (False:
-        one crop at a time, the original loop). ``encode_batch``: crops per encoder call (default 16 on CUDA,
-        1 on CPU: there a LiteMedSAM encode costs 1.95 / 2.74 / 3.86 s per image at batch 1 / 2 / 4 on 2 cores).
+        one crop at a time, the original loop). ``encode_batch``: crops per encoder call (default:
+        ``backbones.encode_batch_size``, 16 on CUDA and 1 on the CPU).
         ``precision``: "fp32" (default, exact), "tf32" (TF32 matmuls/convolutions, CUDA) or "bf16"
         (bfloat16 autocast of encoder and decoder, CUDA)."""
         if precision not in PRECISIONS:
@@ -103,7 +103,7 @@ class Predictor:
         self.precision = precision
         self.batch_fine = batch_fine
         if encode_batch is None:
-            encode_batch = 16 if backbone.device.type == "cuda" else 1
+            encode_batch = encode_batch_size(backbone.device)
         self.encode_batch = max(1, int(encode_batch))
         self.backbone = backbone
         self.priors = priors or PriorBoxes()

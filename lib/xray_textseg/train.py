@@ -42,7 +42,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .backbones import Backbone
+from .backbones import Backbone, encode_batch_size
 from .io import Radiograph, load_mask, load_radiograph
 from .priors import PriorBoxes
 from .text import PromptHead, TextEncoder, side_code
@@ -347,9 +347,7 @@ class Trainer:
     @torch.inference_mode()  # the stored embeddings are only ever read (vs no_grad: within noise, benchmarks/inference.py)
     def _encode_all(self, examples: list[Example], what: str) -> None:
         t0 = time.perf_counter()
-        # CPU: one input per call. Per image, batch 1/2/4 measured 1.95/2.74/3.86 s on 2 cores (larger batches
-        # page-fault their big activations in and out: system time 0.5 -> 13 s per call)
-        bs = 16 if self.device.type == "cuda" else 1
+        bs = encode_batch_size(self.device)
         groups: dict = {}
         for n, e in enumerate(examples):  # one encode per distinct input
             groups.setdefault(e.share if e.share is not None else ("own", n), []).append(e)
