@@ -54,6 +54,9 @@ def main(argv=None) -> int:
                     help="other TrainConfig fields, e.g. --set fine_shift=0.25 (values parsed as JSON)")
     ap.add_argument("--test-limit", type=int, default=None, help="evaluate on at most N test images")
     ap.add_argument("--skip-baselines", action="store_true")
+    ap.add_argument("--also-default-grow", action="store_true",
+                    help="evaluate each adapter a second time with the predictor's default coarse-box growth instead "
+                         "of the adapter's per-label choice (method 'text+adapter@default-grow')")
     ap.add_argument("--adapters", default="runs/label_efficiency",
                     help="where the trained adapters go (kept out of docs/)")
     ap.add_argument("--resume", action="store_true",
@@ -121,15 +124,22 @@ def main(argv=None) -> int:
                                          cfg=cfg, log_path=adapter.parent / f"{adapter.name}.jsonl")
                     train_s = time.perf_counter() - t0
                 predictor.load_adapter(adapter)
-                rep = evaluate_folder(predictor, data, mode="text", names=test, hd95=False, progress=True)
+                grows = dict(predictor.label_grow)
+                methods = ["text+adapter"] + (["text+adapter@default-grow"] if args.also_default_grow else [])
+                for method in methods:
+                    if method != "text+adapter":
+                        predictor.label_grow = {}
+                    rep = evaluate_folder(predictor, data, mode="text", names=test, hd95=False, progress=True)
+                    for lab, s in rep["per_label"].items():
+                        rows.append({"data": data.name, "seed": seed, "k": k, "method": method, "label": lab,
+                                     "dice": s["dice_mean"], "n_test": s["n"], "train_s": round(train_s, 1),
+                                     "mode": meta["mode"], "device": meta["device"],
+                                     "coarse_grow": predictor.grow_for(lab)})
+                    print(f"{data.name} seed {seed} k={k} {method} ({meta['mode']}, {train_s:.0f} s): "
+                          + " ".join(f"{lab}={s['dice_mean']:.3f}" for lab, s in rep["per_label"].items())
+                          + f"  growth {grows if method == 'text+adapter' else predictor.coarse_grow}", flush=True)
+                    save()
                 predictor.unload_adapter()
-                for lab, s in rep["per_label"].items():
-                    rows.append({"data": data.name, "seed": seed, "k": k, "method": "text+adapter", "label": lab,
-                                 "dice": s["dice_mean"], "n_test": s["n"], "train_s": round(train_s, 1),
-                                 "mode": meta["mode"], "device": meta["device"]})
-                print(f"{data.name} seed {seed} k={k} text+adapter ({meta['mode']}, {train_s:.0f} s): "
-                      + " ".join(f"{lab}={s['dice_mean']:.3f}" for lab, s in rep["per_label"].items()), flush=True)
-                save()
     save()
     table = markdown(rows)
     (out / "results.md").write_text(table)

@@ -11,8 +11,8 @@ from xray_textseg.adapters import AdapterError, AdapterStore, load_adapter
 from xray_textseg.backbones import build_backbone
 from xray_textseg.predictor import Predictor
 from xray_textseg.text import TextEncoder
-from xray_textseg.train import (TrainConfig, TrainingStopped, _shift_box, cached_variants_for, load_folder, train_adapter,
-                                validate)
+from xray_textseg.train import (TrainConfig, TrainingStopped, _shift_box, cached_variants_for, choose_coarse_grow,
+                                load_folder, train_adapter, validate)
 
 LABELS = ("left_lung", "heart")
 CASES = ["chest_000", "chest_001", "chest_002", "chest_003"]
@@ -81,6 +81,39 @@ def test_round_trip_reproduces_predictions_exactly(setup):
     a.unload_adapter()
     assert a.mode == "zero-shot" and a.head is None
     assert (a.crop_margin, a.max_tile_aspect) == (0.1, 2.0)
+
+
+def test_adapter_carries_per_label_growth_chosen_on_validation(setup):
+    meta, cfg = setup["meta"], setup["cfg"]
+    chosen, table = meta["serving"]["coarse_grow"], meta["serving"]["coarse_grow_val_dice"]
+    assert set(chosen) == set(LABELS) and set(table) == set(LABELS)
+    for lab in LABELS:
+        assert chosen[lab] in cfg.grow_candidates
+        assert set(table[lab]) == {str(g) for g in cfg.grow_candidates}
+        # the validation Dice reported is the chosen growth's
+        assert meta["validation"]["dice"][lab] == pytest.approx(table[lab][str(chosen[lab])], abs=1e-4)
+    p = Predictor(setup["backbone"], labels=LABELS, text_encoder=setup["encoder"], coarse_grow=0.2)
+    assert p.grow_for("heart") == 0.2
+    p.load_adapter(setup["path"])
+    assert {lab: p.grow_for(lab) for lab in LABELS} == chosen
+    val_items = [it for it in setup["items"] if it.name in meta["val_names"]]
+    # the rule: the first candidate unless another wins by the margin
+    _, never = choose_coarse_grow(p, val_items, LABELS, (0.15, 0.3, 0.5), margin=1.0)
+    assert never["coarse_grow"] == {lab: 0.15 for lab in LABELS}
+    _, best = choose_coarse_grow(p, val_items, LABELS, (0.15, 0.3, 0.5), margin=-1.0)
+    for lab in LABELS:
+        dices = best["coarse_grow_val_dice"][lab]
+        assert dices[str(best["coarse_grow"][lab])] == max(dices.values())
+    assert {lab: p.grow_for(lab) for lab in LABELS} == chosen  # choosing leaves the loaded choice in place
+    # the growth reaches the fine box: a wider growth gives a wider box around the same coarse mask
+    p.set_image(val_items[0].image)
+    p.label_grow = {"heart": 0.15}
+    narrow = p.predict("heart").results[0].box
+    p.label_grow = {"heart": 0.5}
+    wide = p.predict("heart").results[0].box
+    assert wide[2] - wide[0] > narrow[2] - narrow[0] and wide[3] - wide[1] > narrow[3] - narrow[1]
+    p.unload_adapter()
+    assert p.label_grow == {} and p.grow_for("heart") == 0.2
 
 
 def test_store_promotes_first_and_refuses_worse(setup, tmp_path):

@@ -174,6 +174,7 @@ def cmd_train(args) -> int:
     print(json.dumps({"adapter": str(out), "mode": meta["mode"], "device": meta["device"],
                       "train_images": len(meta["train_images"]), "val_images": len(meta["val_images"]),
                       "val_dice": val["dice"], "val_dice_mean": val.get("dice_mean"),
+                      "coarse_grow": meta.get("serving", {}).get("coarse_grow"),
                       "epochs_run": meta["training"]["epochs_run"], "stopped": meta["training"]["stopped"],
                       "seconds": round(time.perf_counter() - t0, 1), "size_bytes": meta["size_bytes"]}, indent=2))
     return 0

@@ -113,7 +113,8 @@ class Predictor:
         self.refine = refine
         self.crop_margin = crop_margin
         self.max_tile_aspect = max_tile_aspect
-        self.coarse_grow = coarse_grow
+        self.coarse_grow = coarse_grow  # fine box = coarse mask's box grown by this fraction per side ...
+        self.label_grow: dict[str, float] = {}  # ... or by the adapter's per-label choice (see grow_for)
         self.adapter_version = "none"
         self.adapter_metadata: dict = {}
         self.encoder_version = "base"  # part of the cache key: a LoRA adapter changes the embeddings
@@ -159,7 +160,8 @@ class Predictor:
     def load_adapter(self, path, merge: bool = True) -> None:
         """Use the adapter in ``path`` (see ``adapters.py``) for all further predictions. ``merge`` folds the
         LoRA weights into the encoder (no run-time overhead). The fine pass then cuts its crops with the
-        adapter's training geometry (``crop_margin``, ``max_tile_aspect``). Raises AdapterError when it does not fit."""
+        adapter's training geometry (``crop_margin``, ``max_tile_aspect``) and grows each label's coarse box as the
+        adapter's validation chose (``serving.coarse_grow``). Raises AdapterError when it does not fit."""
         import copy
 
         from .adapters import AdapterError, lora_encoder
@@ -200,6 +202,7 @@ class Predictor:
             trained = meta.get("training", {}).get("config", {})
             self.crop_margin = float(trained.get("crop_margin", self._base_geometry[0]))
             self.max_tile_aspect = float(trained.get("max_tile_aspect", self._base_geometry[1]))
+            self.label_grow = {str(k): float(v) for k, v in meta.get("serving", {}).get("coarse_grow", {}).items()}
             self._generation += 1
 
     def unload_adapter(self) -> None:
@@ -209,7 +212,13 @@ class Predictor:
             self.backbone.image_encoder, self.backbone.mask_decoder, self.priors = encoder, decoder, priors
             self.head, self.adapter_version, self.adapter_metadata, self.encoder_version = None, "none", {}, "base"
             self.crop_margin, self.max_tile_aspect = self._base_geometry
+            self.label_grow = {}
             self._generation += 1
+
+    def grow_for(self, label: str) -> float:
+        """How much the fine pass grows ``label``'s coarse box (fraction per side): the adapter's choice for the label,
+        else ``coarse_grow``."""
+        return self.label_grow.get(label, self.coarse_grow)
 
     @torch.inference_mode()
     def _text_tokens(self, parsed: list[ParsedLabel]) -> torch.Tensor | None:
@@ -338,7 +347,7 @@ class Predictor:
         canonical phrase, so the user's wording is not part of it."""
         return (self._hash, self.backbone.weights_id, self._generation, self.adapter_version, self.precision,
                 label, None if box is None else tuple(float(v) for v in box), bool(refine), self.crop_margin,
-                self.coarse_grow, self.max_tile_aspect, self.batch_fine)
+                self.grow_for(label), self.max_tile_aspect, self.batch_fine)
 
     def predict(self, prompt: str | list[str], boxes: dict[str, list[float]] | None = None,
                 refine: bool | None = None) -> Prediction:
@@ -435,7 +444,7 @@ class Predictor:
                 if b is None or sources[i] == "user_box":
                     fine_boxes.append(prompt_boxes[i])
                 else:  # SAM's masks sit inside their box: grow the coarse box so the fine pass can extend it
-                    fine_boxes.append(grow_box(b, self.coarse_grow, shape))
+                    fine_boxes.append(grow_box(b, self.grow_for(parsed[i].label), shape))
             if self.batch_fine:
                 fine = self._fine_logits_batched(fine_boxes, tokens)
             else:
