@@ -65,3 +65,62 @@ def test_resolve_device():
     assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
     with pytest.raises(BackboneError):
         resolve_device("tpu")
+
+
+def test_onnxruntime_encoder_matches_pytorch_and_is_exported_once(tmp_path):
+    bb = build_backbone(device="cpu")
+    x = View.full((300, 200), 256, stretch=False).model_input(np.random.default_rng(1).random((300, 200)))
+    with torch.inference_mode():
+        ref = bb.image_encoder(x)
+        assert bb.enable_onnxruntime(tmp_path)
+        (graph,) = tmp_path.glob("*.onnx")
+        fast = bb.encode(x)
+    assert fast.shape == ref.shape and float((fast - ref).abs().max()) < 1e-4
+    assert not torch.equal(fast, ref)  # a different engine ran (PyTorch would be bit-identical)
+    stamp = graph.stat().st_mtime_ns
+    again = build_backbone(device="cpu")
+    assert again.enable_onnxruntime(tmp_path)  # reuses the graph on disk
+    assert graph.stat().st_mtime_ns == stamp and [p.name for p in tmp_path.iterdir()] == [graph.name]
+    with torch.inference_mode():
+        assert torch.equal(again.encode(x), fast)
+
+
+def test_onnxruntime_leaves_other_encodes_to_pytorch(tmp_path):
+    import copy
+
+    bb = build_backbone(device="cpu")
+    assert bb.enable_onnxruntime(tmp_path)
+    x = torch.rand(1, 3, 256, 256, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        ref = bb.image_encoder(x)
+        assert torch.equal(bb.encode(torch.cat([x, x]))[:1], bb.image_encoder(torch.cat([x, x]))[:1])  # a batch
+    out = bb.encode(x.requires_grad_())  # training through the encoder needs PyTorch's autograd
+    assert out.grad_fn is not None and torch.equal(out.detach(), ref)
+    # a different encoder (as a LoRA adapter installs) is never answered by the exported graph
+    other = copy.deepcopy(bb.image_encoder)
+    with torch.no_grad():
+        next(other.parameters()).mul_(0.5)
+    bb.image_encoder = other
+    with torch.inference_mode():
+        assert torch.equal(bb.encode(x), other(x)) and not torch.allclose(bb.encode(x), ref, atol=1e-3)
+    # a copied backbone (the trainer copies it) follows its own copy of the encoder
+    cp = copy.deepcopy(build_backbone(device="cpu"))
+    assert cp._ort is None
+    base = build_backbone(device="cpu")
+    assert base.enable_onnxruntime(tmp_path)
+    cp = copy.deepcopy(base)
+    assert cp._ort.source is cp.image_encoder and cp._ort.session is base._ort.session
+
+
+def test_broken_onnx_graph_falls_back_then_is_rebuilt(tmp_path):
+    bb = build_backbone(device="cpu")
+    assert bb.enable_onnxruntime(tmp_path)
+    (graph,) = tmp_path.glob("*.onnx")
+    graph.write_bytes(b"not an onnx graph")
+    broken = build_backbone(device="cpu")
+    assert not broken.enable_onnxruntime(tmp_path) and broken._ort is None  # PyTorch, with a warning
+    x = torch.rand(1, 3, 256, 256)
+    with torch.inference_mode():
+        assert torch.equal(broken.encode(x), broken.image_encoder(x))
+    assert not graph.exists()  # removed, so the next start exports it again
+    assert build_backbone(device="cpu").enable_onnxruntime(tmp_path) and graph.stat().st_size > 1e6

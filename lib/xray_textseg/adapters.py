@@ -8,7 +8,8 @@ An *adapter* is what training produces, one directory:
     decoder.safetensors                               mask decoder weights (float16)
     priors.json                                       prior boxes fitted on the training labels
     metadata.json                                     backbone, text encoder, labels, training-set image
-                                                      hashes, validation Dice per label, timestamp, mode
+                                                      hashes, validation Dice per label, timestamp, mode,
+                                                      serving settings chosen on validation (coarse_grow)
 
 It is written into a temporary sibling directory and renamed into place, so a crash leaves either
 the whole adapter or nothing.

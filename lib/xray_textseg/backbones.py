@@ -14,7 +14,11 @@ nothing is downloaded).
 
 from __future__ import annotations
 
+import copy
 import hashlib
+import logging
+import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -23,6 +27,7 @@ from torch import nn
 from .transforms import View
 
 BACKBONES = ("litemedsam", "medsam_vit_b", "sam_vit_b")
+logger = logging.getLogger(__name__)
 
 
 class BackboneError(ValueError):
@@ -44,6 +49,7 @@ class Backbone(nn.Module):
         self.mask_decoder = mask_decoder
         self.checkpoint = checkpoint
         self.weights_id = _weights_id(checkpoint)
+        self._ort: OrtEncoder | None = None  # see enable_onnxruntime
 
     # --- geometry --------------------------------------------------------------------------------
     def full_view(self, image_shape: tuple[int, int]) -> View:
@@ -58,7 +64,25 @@ class Backbone(nn.Module):
 
     # --- model -------------------------------------------------------------------------------------
     def encode(self, x: torch.Tensor) -> torch.Tensor:
+        fast = self._ort
+        if fast is not None and fast.applies(self.image_encoder, x) and self.device.type == "cpu":
+            return fast(x)
         return self.image_encoder(x.to(self.device))
+
+    def enable_onnxruntime(self, cache_dir: str | Path | None = None) -> bool:
+        """Run CPU encodes of *this* image encoder (fp32, one input, no gradient) through ONNX Runtime: on 2 cores
+        a LiteMedSAM encode takes ~0.9 s instead of ~1.8 s, max abs difference ~2e-6. The graph is exported once
+        per machine into ``cache_dir`` (default ``$XRAY_TEXTSEG_CACHE`` or ``~/.cache/xray_textseg``; ~3 s) and
+        checked against PyTorch then. Anything else (a LoRA encoder, a batch, autocast, training, CUDA) keeps
+        PyTorch. Returns False, with a log line, when onnxruntime is missing or the export fails."""
+        if self.device.type != "cpu":
+            return False
+        try:
+            self._ort = OrtEncoder.build(self, Path(cache_dir or default_cache_dir()))
+        except Exception as exc:  # noqa: BLE001 - an optional speed-up: PyTorch stays correct
+            logger.warning("ONNX Runtime encoder not used (%s: %s); encoding with PyTorch", type(exc).__name__, exc)
+            self._ort = None
+        return self._ort is not None
 
     def prompt_embeddings(self, n: int, boxes: torch.Tensor | None = None,
                           points: tuple[torch.Tensor, torch.Tensor] | None = None,
@@ -179,6 +203,73 @@ def build_backbone(name: str = "litemedsam", checkpoint: str | None = None, devi
         model = SamViTB(sam.image_encoder, sam.prompt_encoder, sam.mask_decoder, checkpoint)
         model.name = name
     return model.to(device).eval()
+
+
+def onnxruntime_wanted(device: torch.device) -> bool:
+    """The default: ONNX Runtime encodes on the CPU unless ``XRAY_TEXTSEG_ONNXRUNTIME=0``."""
+    return device.type == "cpu" and os.environ.get("XRAY_TEXTSEG_ONNXRUNTIME", "1") != "0"
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("XRAY_TEXTSEG_CACHE") or Path.home() / ".cache" / "xray_textseg")
+
+
+class OrtEncoder:
+    """An ONNX Runtime session for one image encoder module (``source``) at input (1, 3, S, S)."""
+
+    def __init__(self, session, source: nn.Module, size: int, path: Path):
+        self.session, self.source, self.shape, self.path = session, source, (1, 3, size, size), path
+
+    @classmethod
+    def build(cls, backbone: Backbone, cache_dir: Path) -> OrtEncoder:
+        import onnxruntime as ort
+
+        size = backbone.input_size
+        path = cache_dir / f"{backbone.name}_{backbone.weights_id}_{size}_torch{torch.__version__}.onnx"
+        fresh = not path.is_file()
+        if fresh:  # export once, atomically: a crash leaves no half-written graph
+            cache_dir.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+            try:
+                with torch.no_grad(), warnings.catch_warnings():
+                    warnings.simplefilter("ignore")  # the tracer's notes about shape asserts in the encoder
+                    torch.onnx.export(backbone.image_encoder, (torch.zeros(1, 3, size, size),), str(tmp),
+                                      dynamo=False, opset_version=17, input_names=["x"], output_names=["embedding"])
+                os.replace(tmp, path)
+            finally:
+                tmp.unlink(missing_ok=True)
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = torch.get_num_threads()
+        opts.inter_op_num_threads = 1
+        opts.log_severity_level = 3
+        try:
+            session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        except Exception:
+            path.unlink(missing_ok=True)  # unreadable graph: export again next time
+            raise
+        enc = cls(session, backbone.image_encoder, size, path)
+        if fresh:
+            x = torch.rand(enc.shape, generator=torch.Generator().manual_seed(0))
+            with torch.no_grad():
+                err = float((enc(x) - backbone.image_encoder(x)).abs().max())
+            if err > 1e-3:
+                path.unlink(missing_ok=True)
+                raise RuntimeError(f"exported encoder differs from PyTorch by {err:.2g}")
+            logger.info("exported the %s encoder to %s (max difference %.1e)", backbone.name, path, err)
+        return enc
+
+    def applies(self, encoder: nn.Module, x: torch.Tensor) -> bool:
+        return (encoder is self.source and tuple(x.shape) == self.shape and x.dtype == torch.float32
+                and x.device.type == "cpu" and not torch.is_autocast_enabled("cpu")
+                and not (torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in encoder.parameters()))))
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(self.session.run(None, {"x": x.detach().contiguous().numpy()})[0])
+
+    def __deepcopy__(self, memo):  # a copied backbone shares the session and follows its copied encoder
+        new = copy.copy(self)
+        new.source = copy.deepcopy(self.source, memo)
+        return new
 
 
 def _load_into(net: nn.Module, checkpoint: str, strict: bool) -> None:

@@ -521,14 +521,19 @@ def _as_parsed(prompt: str | list[str], allowed: tuple[str, ...]) -> list[Parsed
 def build_predictor(backbone: str = "litemedsam", checkpoint: str | None = None, device: str = "auto",
                     labels: str | tuple[str, ...] = "both", refine: bool = True, cache_size: int = 32,
                     priors: PriorBoxes | None = None, text_encoder: str | None = None,
-                    adapter: str | None = None, precision: str = "fp32", batch_fine: bool = True) -> Predictor:
+                    adapter: str | None = None, precision: str = "fp32", batch_fine: bool = True,
+                    onnxruntime: bool | None = None) -> Predictor:
     """One call from options to a ready predictor (the CLI and the MONAI Label app both use it).
-    The text encoder loads lazily (only an adapter needs it); ``adapter`` loads one right away."""
-    from .backbones import build_backbone, resolve_device
+    The text encoder loads lazily (only an adapter needs it); ``adapter`` loads one right away.
+    ``onnxruntime``: CPU encodes through ONNX Runtime (see ``Backbone.enable_onnxruntime``); None = on for the
+    CPU unless ``XRAY_TEXTSEG_ONNXRUNTIME=0``."""
+    from .backbones import build_backbone, onnxruntime_wanted, resolve_device
     from .vocabulary import resolve_label_set
 
     label_set = resolve_label_set(labels) if isinstance(labels, str) else tuple(labels)
     model = build_backbone(backbone, checkpoint, device=resolve_device(device))
+    if onnxruntime or (onnxruntime is None and onnxruntime_wanted(model.device)):
+        model.enable_onnxruntime()
     predictor = Predictor(model, priors=priors, cache_size=cache_size, labels=label_set, refine=refine,
                           text_encoder_path=text_encoder or None, precision=precision, batch_fine=batch_fine)
     if adapter:
