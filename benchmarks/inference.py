@@ -12,14 +12,14 @@ machine hits them alike):
 * ``warm, repeated prompt``: every embedding cached: decoding only.
 * ``5 prompts, new image`` / ``5 prompts, image encoded`` / ``5 prompts, all cached``: one request.
 * ``naive 5 prompts``: segment_anything style, what a plain SamPredictor loop does: every prompt
-  re-encodes the image (and its crop), no cache, fp32, ``torch.no_grad`` (not inference_mode), one prompt
-  per decoder call. Its masks are compared with ours (Dice) to show the speed-up changes nothing.
+  re-encodes the image (and its crop) in PyTorch eager, no cache, fp32, ``torch.no_grad`` (not
+  inference_mode), one prompt per decoder call. Its masks are compared with ours (Dice) to show the speed-up changes nothing.
 
 ``..., result cache``: the served default, where a label asked again on the same image comes from the result
 cache (the other rows run with it off, so they time decoding).
 
 Before/after rows: embedding cache off (``cache_size=0``), prompts sent one per request instead of in one
-decoder pass, batched fine pass off (``batch_fine=False``), autograd mode (grad / no_grad / inference_mode)
+decoder pass, batched fine pass off (``batch_fine=False``), encoder in PyTorch instead of ONNX Runtime (CPU), autograd mode (grad / no_grad / inference_mode)
 for encoder and decoder, intra-op threads (``--threads 1 2``), LoRA adapter merged vs unmerged, and on CUDA
 precision fp32 / TF32 / bf16 with encoder throughput at batch 1 / 4 / 16 (larger batches).
 """
@@ -69,6 +69,8 @@ def main(argv=None) -> int:
     ap.add_argument("--main-threads", type=int, default=None, help="torch.set_num_threads for the main scenarios")
     ap.add_argument("--skip", nargs="*", default=[], choices=("naive", "ablations", "gradmode", "threads", "adapter",
                                                               "gpu"), help="sections to leave out")
+    ap.add_argument("--onnxruntime", choices=("on", "off"), default="on",
+                    help="CPU encodes through ONNX Runtime (the served default on CPU); a before/after row either way")
     ap.add_argument("--out", default=None, help="JSON results")
     args = ap.parse_args(argv)
 
@@ -97,6 +99,8 @@ def main(argv=None) -> int:
 
     t0 = time.perf_counter()
     backbone = build_backbone(args.backbone, args.checkpoint, device=device)
+    ort = args.onnxruntime == "on" and not cuda and backbone.enable_onnxruntime()
+    machine["onnxruntime"] = bool(ort)
     sync()
     model_load_s = time.perf_counter() - t0
     rss_loaded = rss_mb(children=False)
@@ -184,6 +188,15 @@ def main(argv=None) -> int:
             pred_nocache.set_image(load_radiograph(path))
             dt, _ = timed(pred_nocache.predict, single)
             record("repeated prompt, cache off", dt, "before: cache_size=0")
+            if ort:  # the encoder in PyTorch eager instead of ONNX Runtime
+                saved, backbone._ort = backbone._ort, None
+                pred.cache.clear()
+                dt, _ = timed(request, pred, path, single)
+                record("cold, 1 prompt, PyTorch encoder", dt, "before: encodes in PyTorch eager, not ONNX Runtime")
+                pred.cache.clear()
+                dt, _ = timed(request, pred, path, five)
+                record("5 prompts, new image, PyTorch encoder", dt, "before: encodes in PyTorch eager")
+                backbone._ort = saved
 
         if "naive" not in args.skip:
             dt, masks = timed(naive_request, backbone, path, prompts, refine, pred)
@@ -311,7 +324,7 @@ def naive_request(backbone, path: Path, prompts: list[str], refine: bool, geomet
         for text in prompts:
             label = parse_prompt(text)[0].label
             view = helper.coarse_view()
-            emb = backbone.encode(view.model_input(image.pixels))
+            emb = backbone.image_encoder(view.model_input(image.pixels))  # plain PyTorch
             box = geometry.priors.box(label, shape)
             sparse, dense = backbone.prompt_embeddings(1, boxes=torch.from_numpy(view.box_to_model(box[None])))
             logits, _ = backbone.decode(emb, sparse, dense)
@@ -322,7 +335,7 @@ def naive_request(backbone, path: Path, prompts: list[str], refine: bool, geomet
                 out = np.full(shape, -20.0, dtype=np.float32)
                 for tile in tile_boxes(fine_box, geometry.max_tile_aspect):
                     v = View.crop(shape, tile, size, margin=geometry.crop_margin)
-                    emb = backbone.encode(v.model_input(image.pixels))
+                    emb = backbone.image_encoder(v.model_input(image.pixels))
                     sparse, dense = backbone.prompt_embeddings(1, boxes=torch.from_numpy(v.box_to_model(tile[None])))
                     logits, _ = backbone.decode(emb, sparse, dense)
                     np.maximum(out, v.logits_to_image(logits.float().cpu())[0].numpy(), out=out)
