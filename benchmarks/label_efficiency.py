@@ -26,7 +26,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "lib"))
 
-from xray_textseg.backbones import build_backbone, onnxruntime_wanted, resolve_device  # noqa: E402
+from xray_textseg.backbones import build_backbone, enable_default_onnxruntime, resolve_device  # noqa: E402
 from xray_textseg.evaluation import evaluate_folder, list_cases  # noqa: E402
 from xray_textseg.predictor import Predictor  # noqa: E402
 from xray_textseg.text import TextEncoder  # noqa: E402
@@ -80,8 +80,7 @@ def main(argv=None) -> int:
     overrides = parse_overrides(args.set)
     device = resolve_device(args.device)
     backbone = build_backbone(device=device)
-    if onnxruntime_wanted(device):
-        backbone.enable_onnxruntime()  # as the server and the CLI do (set XRAY_TEXTSEG_ONNXRUNTIME=0 for PyTorch)
+    enable_default_onnxruntime(backbone)  # as the server and the CLI do (XRAY_TEXTSEG_ONNXRUNTIME=0: PyTorch)
     encoder = TextEncoder(device=device)
     for data in map(Path, args.data):
         labels = tuple(args.labels) if args.labels else labels_of(data)

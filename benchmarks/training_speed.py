@@ -62,7 +62,7 @@ def prepare_data(data: str | None, n_max: int, workdir: Path) -> tuple[Path, str
 def child(args) -> int:
     """One configuration, in this process; prints one RESULT line of JSON."""
     import torch
-    from xray_textseg.backbones import build_backbone, onnxruntime_wanted, resolve_device
+    from xray_textseg.backbones import build_backbone, enable_default_onnxruntime, resolve_device
     from xray_textseg.text import TextEncoder
     from xray_textseg.train import TrainConfig, load_folder, train_adapter
 
@@ -76,8 +76,7 @@ def child(args) -> int:
     t0 = time.perf_counter()
     items = load_folder(data, labels, names=cases)
     backbone = build_backbone(device=device)
-    if onnxruntime_wanted(device):
-        backbone.enable_onnxruntime()  # as the server and the CLI do: the cached-mode encodes use it
+    enable_default_onnxruntime(backbone)  # as the server and the CLI do: the cached-mode encodes use it
     encoder = TextEncoder(device=device)
     load_s = time.perf_counter() - t0
     cfg = TrainConfig(mode=args.mode, epochs=args.epochs, batch_size=args.batch_size, device=str(device),

@@ -205,9 +205,12 @@ def build_backbone(name: str = "litemedsam", checkpoint: str | None = None, devi
     return model.to(device).eval()
 
 
-def onnxruntime_wanted(device: torch.device) -> bool:
-    """The default: ONNX Runtime encodes on the CPU unless ``XRAY_TEXTSEG_ONNXRUNTIME=0``."""
-    return device.type == "cpu" and os.environ.get("XRAY_TEXTSEG_ONNXRUNTIME", "1") != "0"
+def enable_default_onnxruntime(backbone: Backbone) -> bool:
+    """The default for servers, the CLI and benchmarks: ONNX Runtime encodes on the CPU unless
+    ``XRAY_TEXTSEG_ONNXRUNTIME=0``. Returns whether it is on."""
+    if os.environ.get("XRAY_TEXTSEG_ONNXRUNTIME", "1") == "0":
+        return False
+    return backbone.enable_onnxruntime()  # False (PyTorch) on CUDA or when the export fails
 
 
 def default_cache_dir() -> Path:

@@ -148,7 +148,7 @@ def cmd_evaluate(args) -> int:
 def cmd_train(args) -> int:
     import logging
 
-    from .backbones import build_backbone, onnxruntime_wanted, resolve_device
+    from .backbones import build_backbone, enable_default_onnxruntime, resolve_device
     from .text import TextEncoder
     from .train import TrainConfig, _print_progress, load_folder, train_adapter
     from .vocabulary import resolve_label_set
@@ -166,8 +166,7 @@ def cmd_train(args) -> int:
                       val_fraction=args.val_fraction, time_budget_s=args.time_budget * 60 if args.time_budget else None,
                       batch_size=args.batch_size)
     backbone = build_backbone(args.backbone, args.checkpoint, device=resolve_device(args.device))
-    if onnxruntime_wanted(backbone.device):
-        backbone.enable_onnxruntime()  # the cached-mode training encodes use it too
+    enable_default_onnxruntime(backbone)  # the cached-mode training encodes use it too
     encoder = TextEncoder(args.text_encoder, device=backbone.device)
     t0 = time.perf_counter()
     meta = train_adapter(items, out, backbone=backbone, text_encoder=encoder, labels=labels, cfg=cfg,

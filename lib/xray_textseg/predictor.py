@@ -527,12 +527,14 @@ def build_predictor(backbone: str = "litemedsam", checkpoint: str | None = None,
     The text encoder loads lazily (only an adapter needs it); ``adapter`` loads one right away.
     ``onnxruntime``: CPU encodes through ONNX Runtime (see ``Backbone.enable_onnxruntime``); None = on for the
     CPU unless ``XRAY_TEXTSEG_ONNXRUNTIME=0``."""
-    from .backbones import build_backbone, onnxruntime_wanted, resolve_device
+    from .backbones import build_backbone, enable_default_onnxruntime, resolve_device
     from .vocabulary import resolve_label_set
 
     label_set = resolve_label_set(labels) if isinstance(labels, str) else tuple(labels)
     model = build_backbone(backbone, checkpoint, device=resolve_device(device))
-    if onnxruntime or (onnxruntime is None and onnxruntime_wanted(model.device)):
+    if onnxruntime is None:
+        enable_default_onnxruntime(model)
+    elif onnxruntime:
         model.enable_onnxruntime()
     predictor = Predictor(model, priors=priors, cache_size=cache_size, labels=label_set, refine=refine,
                           text_encoder_path=text_encoder or None, precision=precision, batch_fine=batch_fine)
