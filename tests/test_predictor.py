@@ -96,6 +96,14 @@ def test_user_box_is_used(fresh_predictor):
     pred = fresh_predictor.predict("heart", boxes={"heart": box})
     assert pred.results[0].prompt_source == "user_box"
     assert dice(pred.mask("heart"), truth) > 0.8
+    # the box says where the heart is: only its crop was encoded, the whole film was not (no coarse pass)
+    assert pred.cache == {"hits": 0, "misses": 1, "result_hits": 0} and pred.results[0].box == box
+    mixed = fresh_predictor.predict("heart, left lung", boxes={"heart": [v + 2 for v in box]})
+    assert mixed.cache["misses"] == 3  # the film for the left lung's coarse pass, then both crops
+    assert [r.prompt_source for r in mixed.results] == ["user_box", "prior"]
+    without_refine = fresh_predictor.predict("heart", boxes={"heart": box}, refine=False)
+    assert without_refine.cache == {"hits": 1, "misses": 0, "result_hits": 0}  # the coarse pass is the answer
+    assert dice(without_refine.mask("heart"), truth) > 0.5
 
 
 def test_label_map_values_and_overlap_order(fresh_predictor):

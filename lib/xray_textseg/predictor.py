@@ -420,7 +420,8 @@ class Predictor:
     def _segment(self, parsed: list[ParsedLabel], boxes: dict[str, list[float]] | None,
                  refine: bool) -> tuple[list[LabelResult], dict[str, float]]:
         """The pipeline for labels not in the result cache: prompt box (user or prior) -> coarse mask on the
-        whole film -> grown box of its largest component -> fine mask on the crop (tiles for long boxes)."""
+        whole film -> grown box of its largest component -> fine mask on the crop (tiles for long boxes). With
+        ``refine`` a label with a user box goes straight to the fine pass on its box."""
         t0 = time.perf_counter()
         shape = self._image.shape
         prompt_boxes, sources = [], []
@@ -431,15 +432,23 @@ class Predictor:
         prompt_boxes = np.stack(prompt_boxes)
 
         tokens = self._text_tokens(parsed)
-        view = self.coarse_view()
-        logits, iou, _ = self._decode_boxes(view, prompt_boxes, tokens)
-        full = view.logits_to_image(logits).numpy() > 0
+        # the coarse pass finds the structure; a user box already says where it is, so with refine its label
+        # skips it (a box drawn on a new film costs one crop encode, not the whole film's as well)
+        coarse = [i for i, s in enumerate(sources) if not refine or s != "user_box"]
+        full: dict[int, np.ndarray] = {}
+        iou = torch.zeros(len(parsed))
+        if coarse:
+            view = self.coarse_view()
+            logits, iou_c, _ = self._decode_boxes(view, prompt_boxes[coarse],
+                                                  None if tokens is None else tokens[coarse])
+            full = dict(zip(coarse, view.logits_to_image(logits).numpy() > 0))
+            iou[coarse] = iou_c
         results = []
         t_coarse = time.perf_counter()
         fine_boxes = []
         if refine:
             for i in range(len(parsed)):
-                b = mask_box(largest_component(full[i]))
+                b = mask_box(largest_component(full[i])) if i in full else None
                 # user boxes are trusted as they are; a prior box only where the coarse pass found nothing
                 if b is None or sources[i] == "user_box":
                     fine_boxes.append(prompt_boxes[i])
@@ -451,10 +460,11 @@ class Predictor:
                 fine = [self._fine_logits(fb, None if tokens is None else tokens[i:i + 1])
                         for i, fb in enumerate(fine_boxes)]
         for i, p in enumerate(parsed):
-            mask, score, used_box = full[i], float(iou[i]), prompt_boxes[i]
             if refine:
                 fine_logits, score = fine[i]
                 mask, used_box = fine_logits > 0, fine_boxes[i]
+            else:
+                mask, score, used_box = full[i], float(iou[i]), prompt_boxes[i]
             results.append(LabelResult(p.label, largest_component(mask), score,
                                        [float(v) for v in used_box], sources[i]))
         t1 = time.perf_counter()
