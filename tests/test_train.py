@@ -11,8 +11,10 @@ from xray_textseg.adapters import AdapterError, AdapterStore, load_adapter
 from xray_textseg.backbones import build_backbone
 from xray_textseg.predictor import Predictor
 from xray_textseg.text import TextEncoder
+from xray_textseg.priors import PriorBoxes
 from xray_textseg.train import (TrainConfig, TrainingStopped, _shift_box, cached_variants_for, choose_coarse_grow,
-                                load_folder, train_adapter, validate)
+                                fit_priors, load_folder, train_adapter, validate)
+from xray_textseg.transforms import mask_box
 
 LABELS = ("left_lung", "heart")
 CASES = ["chest_000", "chest_001", "chest_002", "chest_003"]
@@ -114,6 +116,64 @@ def test_adapter_carries_per_label_growth_chosen_on_validation(setup):
     assert wide[2] - wide[0] > narrow[2] - narrow[0] and wide[3] - wide[1] > narrow[3] - narrow[1]
     p.unload_adapter()
     assert p.label_grow == {} and p.grow_for("heart") == 0.2
+
+
+def test_relative_priors_place_each_clavicle_from_the_lung_on_its_side():
+    """Clavicles get a prior box relative to the same-side lung's box, fitted where both are trained; on the films
+    it was fitted on, the lung's true box places each clavicle's box near the truth."""
+    labels = ("right_clavicle", "left_clavicle", "right_lung", "left_lung")
+    items = load_folder(SAMPLE, labels, names=CASES)
+    priors = fit_priors(items, labels)
+    assert {k: a for k, (a, _) in priors.relative.items()} == {"right_clavicle": "right_lung",
+                                                                "left_clavicle": "left_lung"}
+    for it in items:
+        for side in ("right", "left"):
+            truth = np.asarray(mask_box(it.masks[f"{side}_clavicle"]), float)
+            placed = priors.relative_box(f"{side}_clavicle", mask_box(it.masks[f"{side}_lung"]), it.image.shape)
+            other = priors.relative_box(f"{side}_clavicle", mask_box(it.masks[f"{'left' if side == 'right' else 'right'}_lung"]),
+                                        it.image.shape)
+            cx, cy = (placed[0] + placed[2]) / 2, (placed[1] + placed[3]) / 2
+            assert truth[0] < cx < truth[2] and truth[1] < cy < truth[3] and _iou(placed, truth) > 0.3
+            assert _iou(other, truth) < 0.1  # placed from the other lung it lands elsewhere
+    again = PriorBoxes.from_json(json.loads(json.dumps(priors.to_json())))
+    assert again.relative == priors.relative
+    assert fit_priors(items, ("right_clavicle", "left_clavicle")).relative == {}  # no lung trained: no anchor
+    assert PriorBoxes().relative_box("heart", [0, 0, 10, 10], (64, 64)) is None
+
+
+def _iou(a, b) -> float:
+    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = ix * iy
+    return inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter)
+
+
+def test_anchored_coarse_prompt_is_placed_from_the_anchor_and_chosen_on_validation(setup):
+    """With ``serving.coarse_prompt`` "anchor" a label's coarse prompt box is its relative prior on the anchor's
+    coarse mask; the end-of-training choice validates it against the film prior for labels that have one."""
+    p = Predictor(setup["backbone"], labels=LABELS, text_encoder=setup["encoder"])
+    p.load_adapter(setup["path"])
+    val_items = [it for it in setup["items"] if it.name in setup["meta"]["val_names"]]
+    train_items = [it for it in setup["items"] if it.name in setup["meta"]["train_names"]]
+    # the heart placed from the left lung stands in for a clavicle (the fixture adapter knows no clavicle)
+    p.priors.fit_relative("heart", "left_lung", [(it.masks["heart"], it.masks["left_lung"]) for it in train_items])
+    image = val_items[0].image
+    p.set_image(image)
+    film = p.predict("heart", refine=False).results[0].box
+    assert np.allclose(film, p.priors.box("heart", image.shape))  # not chosen: the film prior
+    p.label_prompt = {"heart": "anchor"}
+    lung = mask_box(p.predict("left lung", refine=False).mask("left_lung"))
+    anchored = p.predict("heart", refine=False)
+    assert np.allclose(anchored.results[0].box, p.priors.relative_box("heart", lung, image.shape))
+    assert anchored.cache["result_hits"] == 0  # the choice is part of the result key
+    _, best = choose_coarse_grow(p, val_items, LABELS, (0.15, 0.3), margin=-1.0)
+    assert best["coarse_prompt"]["left_lung"] == "film"  # no relative prior: never anchored
+    dices = {("film", g): d for g, d in best["coarse_grow_val_dice"]["heart"].items()}
+    dices.update({("anchor", g): d for g, d in best["coarse_prompt_val_dice"]["heart"]["anchor"].items()})
+    assert dices[(best["coarse_prompt"]["heart"], str(best["coarse_grow"]["heart"]))] == max(dices.values())
+    assert p.label_prompt == {"heart": "anchor"}  # choosing leaves the loaded choice in place
+    p.unload_adapter()
+    assert p.label_prompt == {} and p.anchor_for("heart") is None
 
 
 def test_store_promotes_first_and_refuses_worse(setup, tmp_path):

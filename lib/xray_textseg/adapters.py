@@ -9,7 +9,8 @@ An *adapter* is what training produces, one directory:
     priors.json                                       prior boxes fitted on the training labels
     metadata.json                                     backbone, text encoder, labels, training-set image
                                                       hashes, validation Dice per label, timestamp, mode,
-                                                      serving settings chosen on validation (coarse_grow)
+                                                      serving settings chosen on validation (coarse_grow,
+                                                      coarse_prompt)
 
 It is written into a temporary sibling directory and renamed into place, so a crash leaves either
 the whole adapter or nothing.

@@ -176,6 +176,7 @@ def cmd_train(args) -> int:
                       "train_images": len(meta["train_images"]), "val_images": len(meta["val_images"]),
                       "val_dice": val["dice"], "val_dice_mean": val.get("dice_mean"),
                       "coarse_grow": meta.get("serving", {}).get("coarse_grow"),
+                      "coarse_prompt": meta.get("serving", {}).get("coarse_prompt"),
                       "epochs_run": meta["training"]["epochs_run"], "stopped": meta["training"]["stopped"],
                       "seconds": round(time.perf_counter() - t0, 1), "size_bytes": meta["size_bytes"]}, indent=2))
     return 0

@@ -115,6 +115,7 @@ class Predictor:
         self.max_tile_aspect = max_tile_aspect
         self.coarse_grow = coarse_grow  # fine box = coarse mask's box grown by this fraction per side ...
         self.label_grow: dict[str, float] = {}  # ... or by the adapter's per-label choice (see grow_for)
+        self.label_prompt: dict[str, str] = {}  # "anchor": the coarse prompt box comes from an anchor (see anchor_for)
         self.adapter_version = "none"
         self.adapter_metadata: dict = {}
         self.encoder_version = "base"  # part of the cache key: a LoRA adapter changes the embeddings
@@ -202,7 +203,9 @@ class Predictor:
             trained = meta.get("training", {}).get("config", {})
             self.crop_margin = float(trained.get("crop_margin", self._base_geometry[0]))
             self.max_tile_aspect = float(trained.get("max_tile_aspect", self._base_geometry[1]))
-            self.label_grow = {str(k): float(v) for k, v in meta.get("serving", {}).get("coarse_grow", {}).items()}
+            serving = meta.get("serving", {})
+            self.label_grow = {str(k): float(v) for k, v in serving.get("coarse_grow", {}).items()}
+            self.label_prompt = {str(k): str(v) for k, v in serving.get("coarse_prompt", {}).items()}
             self._generation += 1
 
     def unload_adapter(self) -> None:
@@ -212,13 +215,21 @@ class Predictor:
             self.backbone.image_encoder, self.backbone.mask_decoder, self.priors = encoder, decoder, priors
             self.head, self.adapter_version, self.adapter_metadata, self.encoder_version = None, "none", {}, "base"
             self.crop_margin, self.max_tile_aspect = self._base_geometry
-            self.label_grow = {}
+            self.label_grow, self.label_prompt = {}, {}
             self._generation += 1
 
     def grow_for(self, label: str) -> float:
         """How much the fine pass grows ``label``'s coarse box (fraction per side): the adapter's choice for the label,
         else ``coarse_grow``."""
         return self.label_grow.get(label, self.coarse_grow)
+
+    def anchor_for(self, label: str) -> str | None:
+        """The label whose coarse mask places ``label``'s coarse prompt box (``priors.relative``), when the adapter
+        chose that for it (``serving.coarse_prompt``: "anchor"); None: the film-frame prior box."""
+        if self.label_prompt.get(label) != "anchor" or label not in self.priors.relative:
+            return None
+        anchor = self.priors.relative[label][0]
+        return anchor if anchor in self.labels else None
 
     @torch.inference_mode()
     def _text_tokens(self, parsed: list[ParsedLabel]) -> torch.Tensor | None:
@@ -347,7 +358,7 @@ class Predictor:
         canonical phrase, so the user's wording is not part of it."""
         return (self._hash, self.backbone.weights_id, self._generation, self.adapter_version, self.precision,
                 label, None if box is None else tuple(float(v) for v in box), bool(refine), self.crop_margin,
-                self.grow_for(label), self.max_tile_aspect, self.batch_fine)
+                self.grow_for(label), self.anchor_for(label), self.max_tile_aspect, self.batch_fine)
 
     def predict(self, prompt: str | list[str], boxes: dict[str, list[float]] | None = None,
                 refine: bool | None = None) -> Prediction:
@@ -430,6 +441,7 @@ class Predictor:
             prompt_boxes.append(np.asarray(user, np.float32) if user is not None else self.priors.box(p.label, shape))
             sources.append("user_box" if user is not None else ("text" if self.head is not None else "prior"))
         prompt_boxes = np.stack(prompt_boxes)
+        self._anchor_prompt_boxes(parsed, sources, prompt_boxes)
 
         tokens = self._text_tokens(parsed)
         # the coarse pass finds the structure; a user box already says where it is, so with refine its label
@@ -469,6 +481,27 @@ class Predictor:
                                        [float(v) for v in used_box], sources[i]))
         t1 = time.perf_counter()
         return results, {"coarse": 1e3 * (t_coarse - t0), "fine": 1e3 * (t1 - t_coarse)}
+
+
+    def _anchor_prompt_boxes(self, parsed: list[ParsedLabel], sources: list[str], prompt_boxes: np.ndarray) -> None:
+        """In place: the prompt box of each label without a user box whose adapter places it from an anchor (a
+        clavicle from the lung on its side) is its relative prior on the anchor's coarse mask. The anchors' coarse
+        masks take one decoder call on the film's embedding; where an anchor finds nothing the film prior stays."""
+        wanted = {i: self.anchor_for(p.label) for i, p in enumerate(parsed) if sources[i] != "user_box"}
+        anchors = sorted({a for a in wanted.values() if a is not None})
+        if not anchors:
+            return
+        shape = self._image.shape
+        anchor_parsed = _as_parsed(anchors, self.labels)
+        view = self.coarse_view()
+        boxes = np.stack([self.priors.box(a, shape) for a in anchors])
+        logits, _, _ = self._decode_boxes(view, boxes, self._text_tokens(anchor_parsed))
+        found = {a: mask_box(largest_component(m)) for a, m in zip(anchors, view.logits_to_image(logits).numpy() > 0)}
+        for i, a in wanted.items():
+            if a is not None and found[a] is not None:
+                box = self.priors.relative_box(parsed[i].label, found[a], shape)
+                if box is not None:
+                    prompt_boxes[i] = box
 
 
 class ResultCache(LRU):

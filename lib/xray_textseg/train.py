@@ -44,7 +44,7 @@ import torch.nn.functional as F
 
 from .backbones import Backbone, encode_batch_size
 from .io import Radiograph, load_mask, load_radiograph
-from .priors import PriorBoxes
+from .priors import ANCHORS, PriorBoxes
 from .text import PromptHead, TextEncoder, side_code
 from .transforms import View, mask_box
 from .vocabulary import label_phrases
@@ -166,9 +166,15 @@ def split_items(items: list[TrainItem], val_fraction: float, seed: int,
 
 
 def fit_priors(items: list[TrainItem], labels: tuple[str, ...]) -> PriorBoxes:
+    """Prior boxes of ``labels`` fitted on the items' masks, and boxes relative to an anchor (``priors.ANCHORS``)
+    where both the label and its anchor are trained."""
     priors = PriorBoxes()
     for lab in labels:
         priors.fit(lab, [it.masks[lab] for it in items if lab in it.masks and it.masks[lab].any()])
+    for lab, anchor in ANCHORS.items():
+        if lab in labels and anchor in labels:
+            priors.fit_relative(lab, anchor, [(it.masks[lab], it.masks[anchor]) for it in items
+                                              if lab in it.masks and anchor in it.masks])
     return priors
 
 
@@ -640,49 +646,69 @@ def train_adapter(items: list[TrainItem], out_dir: str | Path, *, backbone: Back
 
 def validate(predictor, items: list[TrainItem], labels: tuple[str, ...] | None = None) -> dict:
     """Image-space Dice per label of ``predictor`` (text prompts as a user types them) on ``items``."""
-    return _summary(_dice_per_grow(predictor, items, labels, (None,))[None], len(items))
+    return _summary(_dice_per_grow(predictor, items, labels, [None])[None], len(items))
 
 
 def choose_coarse_grow(predictor, items: list[TrainItem], labels: tuple[str, ...], candidates: tuple[float, ...],
                        margin: float = 0.01, progress: Callable[[dict], None] | None = None) -> tuple[dict, dict]:
-    """Validate ``predictor`` on ``items`` once per growth in ``candidates`` (each film's whole-film embedding is
-    encoded once) and choose each label's growth: the best mean Dice, the first candidate unless another beats it
-    by ``margin``. Returns (validation with the chosen growths, as :func:`validate` gives it; the ``serving``
-    metadata: ``coarse_grow`` {label: growth} and ``coarse_grow_val_dice`` {label: {growth: Dice}})."""
+    """Validate ``predictor`` on ``items`` once per serving setting and choose each label's: the growth of the coarse
+    box (``candidates``) and, for labels with a relative prior (``predictor.priors.relative``, a clavicle from the
+    lung on its side), where the coarse prompt box comes from: the film-frame prior ("film") or the anchor's coarse
+    mask ("anchor"). Each film's whole-film embedding is encoded once. The choice is the best mean Dice; the first
+    candidate with the film prior unless another setting beats it by ``margin``. Returns (validation with the chosen
+    settings, as :func:`validate` gives it; the ``serving`` metadata: ``coarse_grow`` {label: growth},
+    ``coarse_prompt`` {label: "film" | "anchor"}, ``coarse_grow_val_dice`` {label: {growth: Dice}} with the film
+    prior and, for anchored labels, ``coarse_prompt_val_dice`` {label: {"anchor": {growth: Dice}}})."""
     if not candidates:
         return validate(predictor, items, labels), {}
-    per = _dice_per_grow(predictor, items, labels, candidates, progress)
-    chosen, table = {}, {}
-    for lab in sorted({lab for g in candidates for lab in per[g]}):
-        means = {g: float(np.mean(per[g][lab])) for g in candidates}
-        best = max(candidates, key=lambda g: means[g])
-        chosen[lab] = best if means[best] >= means[candidates[0]] + margin else candidates[0]
-        table[lab] = {str(g): round(m, 4) for g, m in means.items()}
-    validation = _summary({lab: per[g][lab] for lab, g in chosen.items()}, len(items))
-    return validation, {"coarse_grow": chosen, "coarse_grow_val_dice": table}
+    anchored = tuple(lab for lab in labels if lab in predictor.priors.relative)
+    settings = [("film", g) for g in candidates] + [("anchor", g) for g in candidates if anchored]
+    per = _dice_per_grow(predictor, items, labels, settings, progress, anchored=anchored)
+    chosen, prompt, table, anchor_table = {}, {}, {}, {}
+    for lab in sorted({lab for st in settings for lab in per[st]}):
+        means = {st: float(np.mean(per[st][lab])) for st in settings if lab in per[st]}
+        default = settings[0]
+        best = max(means, key=lambda st: means[st])
+        pick = best if means[best] >= means[default] + margin else default
+        prompt[lab], chosen[lab] = pick
+        table[lab] = {str(g): round(m, 4) for (kind, g), m in means.items() if kind == "film"}
+        if lab in anchored:
+            anchor_table[lab] = {"anchor": {str(g): round(m, 4) for (kind, g), m in means.items() if kind == "anchor"}}
+    validation = _summary({lab: per[(prompt[lab], g)][lab] for lab, g in chosen.items()}, len(items))
+    serving = {"coarse_grow": chosen, "coarse_prompt": prompt, "coarse_grow_val_dice": table}
+    if anchor_table:
+        serving["coarse_prompt_val_dice"] = anchor_table
+    return validation, serving
 
 
-def _dice_per_grow(predictor, items: list[TrainItem], labels: tuple[str, ...] | None, grows: tuple,
-                   progress: Callable[[dict], None] | None = None) -> dict:
-    """{growth: {label: [Dice per film]}}; growth None = the predictor's own settings."""
+def _dice_per_grow(predictor, items: list[TrainItem], labels: tuple[str, ...] | None, settings: list,
+                   progress: Callable[[dict], None] | None = None, anchored: tuple[str, ...] = ()) -> dict:
+    """{setting: {label: [Dice per film]}} for settings ("film" | "anchor", growth); None = the predictor's own
+    settings. "anchor" settings run only the ``anchored`` labels."""
     from .metrics import dice
 
-    per: dict = {g: {} for g in grows}
-    saved = dict(predictor.label_grow)
+    per: dict = {st: {} for st in settings}
+    saved = dict(predictor.label_grow), dict(predictor.label_prompt)
     try:
         for i, it in enumerate(items):
             labs = [lab for lab in it.labels if labels is None or lab in labels]
             if labs:
                 predictor.set_image(it.image)
-                for g in grows:
-                    if g is not None:
-                        predictor.label_grow = {lab: float(g) for lab in labs}
-                    for r in predictor.predict(labs).results:
-                        per[g].setdefault(r.label, []).append(dice(r.mask, it.masks[r.label]))
+                for st in settings:
+                    run = labs
+                    if st is not None:
+                        kind, g = st
+                        run = [lab for lab in labs if kind == "film" or lab in anchored]
+                        if not run:
+                            continue
+                        predictor.label_grow = {lab: float(g) for lab in run}
+                        predictor.label_prompt = {lab: kind for lab in run}
+                    for r in predictor.predict(run).results:
+                        per[st].setdefault(r.label, []).append(dice(r.mask, it.masks[r.label]))
             if progress:
                 progress({"phase": "validation", "done": i + 1, "total": len(items)})
     finally:
-        predictor.label_grow = saved
+        predictor.label_grow, predictor.label_prompt = saved
     return per
 
 
