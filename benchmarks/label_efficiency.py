@@ -30,7 +30,7 @@ from xray_textseg.backbones import build_backbone, enable_default_onnxruntime, r
 from xray_textseg.evaluation import evaluate_folder, list_cases  # noqa: E402
 from xray_textseg.predictor import Predictor  # noqa: E402
 from xray_textseg.text import TextEncoder  # noqa: E402
-from xray_textseg.train import TrainConfig, load_folder, train_adapter  # noqa: E402
+from xray_textseg.train import TrainConfig, load_folder, retune_adapter, train_adapter  # noqa: E402
 
 
 def labels_of(data: Path) -> tuple[str, ...]:
@@ -59,6 +59,10 @@ def main(argv=None) -> int:
                          "of the adapter's per-label choice (method 'text+adapter@default-grow')")
     ap.add_argument("--adapters", default="runs/label_efficiency",
                     help="where the trained adapters go (kept out of docs/)")
+    ap.add_argument("--retune", action="store_true",
+                    help="with --resume: evaluate a copy of each adapter found with its priors refitted on its training "
+                         "films and its serving settings chosen again on its validation films (no retraining), so "
+                         "adapters trained before a serving option existed are measured with it")
     ap.add_argument("--resume", action="store_true",
                     help="keep the rows already in OUT/results.json and skip what they cover; evaluate adapters "
                          "already trained in --adapters instead of training them again")
@@ -113,11 +117,19 @@ def main(argv=None) -> int:
                                   time_budget_s=args.time_budget * 60 if args.time_budget else None,
                                   cached_variants=args.variants or 0, **overrides)
                 finished = sorted(Path(args.adapters).glob(f"{data.name}_s{seed}_k{k}_*/metadata.json"))
+                finished = [f for f in finished if not f.parent.name.endswith("_retuned")]
                 if args.resume and finished:  # trained by an interrupted run: evaluate it, don't train again
                     adapter = finished[-1].parent
                     meta = json.loads(finished[-1].read_text())
                     train_s = float(meta.get("training", {}).get("seconds", float("nan")))
                     print(f"reusing {adapter}", flush=True)
+                    if args.retune:
+                        retuned = adapter.with_name(adapter.name + "_retuned")
+                        if not retuned.exists():
+                            retune_adapter(adapter, retuned, data, backbone=backbone, text_encoder=encoder)
+                        adapter, meta = retuned, json.loads((retuned / "metadata.json").read_text())
+                        print(f"evaluating {adapter} (serving settings chosen again: "
+                              f"{meta['serving'].get('coarse_prompt')})", flush=True)
                 else:
                     adapter = Path(args.adapters) / f"{data.name}_s{seed}_k{k}_{int(time.time())}"
                     t0 = time.perf_counter()

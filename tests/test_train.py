@@ -13,7 +13,7 @@ from xray_textseg.predictor import Predictor
 from xray_textseg.text import TextEncoder
 from xray_textseg.priors import PriorBoxes
 from xray_textseg.train import (TrainConfig, TrainingStopped, _shift_box, cached_variants_for, choose_coarse_grow,
-                                fit_priors, load_folder, train_adapter, validate)
+                                fit_priors, load_folder, retune_adapter, train_adapter, validate)
 from xray_textseg.transforms import mask_box
 
 LABELS = ("left_lung", "heart")
@@ -174,6 +174,31 @@ def test_anchored_coarse_prompt_is_placed_from_the_anchor_and_chosen_on_validati
     assert p.label_prompt == {"heart": "anchor"}  # choosing leaves the loaded choice in place
     p.unload_adapter()
     assert p.label_prompt == {} and p.anchor_for("heart") is None
+
+
+def test_retune_keeps_the_weights_and_checks_the_films(setup, tmp_path):
+    """An adapter's serving settings are chosen again on its own validation films without retraining; the weights
+    are the same files, and films that are not the ones it was trained on are refused."""
+    import shutil
+
+    out = retune_adapter(setup["path"], tmp_path / "retuned", SAMPLE, backbone=setup["backbone"],
+                         text_encoder=setup["encoder"])
+    for name in ("head.safetensors", "decoder.safetensors"):
+        assert (tmp_path / "retuned" / name).read_bytes() == (setup["path"] / name).read_bytes()
+    assert out["version"] == "retuned" and out["train_names"] == setup["meta"]["train_names"]
+    assert out["validation"]["dice"] == setup["meta"]["validation"]["dice"]  # same films, same settings to choose
+    assert out["serving"]["coarse_grow"] == setup["meta"]["serving"]["coarse_grow"]
+    fake = tmp_path / "data"
+    shutil.copytree(SAMPLE, fake)
+    val = setup["meta"]["val_names"][0]
+    img = fake / "images" / f"{val}.png"
+    from PIL import Image
+
+    Image.fromarray(255 - np.asarray(Image.open(img))).save(img)
+    with pytest.raises(ValueError, match="not the same images"):
+        retune_adapter(setup["path"], tmp_path / "again", fake, backbone=setup["backbone"],
+                       text_encoder=setup["encoder"])
+    assert not (tmp_path / "again").exists() and not list(tmp_path.glob(".again*"))
 
 
 def test_store_promotes_first_and_refuses_worse(setup, tmp_path):

@@ -576,7 +576,6 @@ def train_adapter(items: list[TrainItem], out_dir: str | Path, *, backbone: Back
     """Split, train, validate with the real predictor pipeline (text prompts, coarse-to-fine, image space)
     and write the adapter atomically to ``out_dir``. Returns the metadata written."""
     from .adapters import round_decoder_, save_adapter
-    from .predictor import Predictor
 
     cfg = cfg or TrainConfig()
     if val_items is None:
@@ -620,8 +619,17 @@ def train_adapter(items: list[TrainItem], out_dir: str | Path, *, backbone: Back
     }
     save_adapter(staging, head=trainer.head, decoder=trainer.backbone.mask_decoder,
                  encoder_peft=trainer.encoder_peft, priors=priors.to_json(), metadata=metadata)
+    return _validate_and_publish(staging, out_dir, val_items, backbone, text_encoder, labels, cfg, progress)
+
+
+def _validate_and_publish(staging: Path, out_dir: Path, val_items: list[TrainItem], backbone: Backbone,
+                          text_encoder: TextEncoder, labels: tuple[str, ...], cfg: TrainConfig,
+                          progress: Callable[[dict], None] | None) -> dict:
+    """Validate the adapter in ``staging`` through the serving path (choosing each label's serving settings),
+    record it in its metadata and rename it to ``out_dir``; on any failure ``staging`` is removed."""
+    from .predictor import Predictor
+
     try:
-        # validation with the saved files, through the same path as serving; it also chooses each label's growth
         validation, serving = {"dice": {}, "n_images": len(val_items)}, {}
         if val_items:
             predictor = Predictor(backbone, labels=labels, cache_size=len(labels) + 2, crop_margin=cfg.crop_margin,
@@ -642,6 +650,30 @@ def train_adapter(items: list[TrainItem], out_dir: str | Path, *, backbone: Back
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return meta
+
+
+def retune_adapter(src: str | Path, out_dir: str | Path, data_dir: str | Path, *, backbone: Backbone,
+                   text_encoder: TextEncoder, progress: Callable[[dict], None] | None = None) -> dict:
+    """A copy of the adapter ``src`` with priors refitted on its own training films and serving settings chosen
+    again on its own validation films (both found by name in ``data_dir``), weights unchanged: how an adapter
+    trained before a serving option existed gets it without training again. Returns the new metadata."""
+    src, out_dir = Path(src), Path(out_dir)
+    meta = json.loads((src / "metadata.json").read_text())
+    labels = tuple(meta["labels"])
+    cfg_fields = {k: v for k, v in meta.get("training", {}).get("config", {}).items()
+                  if k in TrainConfig.__dataclass_fields__}
+    cfg = TrainConfig(**cfg_fields)
+    train_items = load_folder(data_dir, labels, names=meta["train_names"])
+    val_items = load_folder(data_dir, labels, names=meta["val_names"])
+    for kind, items, hashes in (("training", train_items, meta["train_images"]),
+                                ("validation", val_items, meta["val_images"])):
+        if sorted(it.image.content_hash() for it in items) != sorted(hashes):
+            raise ValueError(f"the {kind} films of {src} named in its metadata are not the same images in {data_dir}")
+    staging = out_dir.parent / f".{out_dir.name}.staging"
+    shutil.rmtree(staging, ignore_errors=True)
+    shutil.copytree(src, staging)
+    fit_priors(train_items, labels).save(staging / "priors.json")
+    return _validate_and_publish(staging, out_dir, val_items, backbone, text_encoder, labels, cfg, progress)
 
 
 def validate(predictor, items: list[TrainItem], labels: tuple[str, ...] | None = None) -> dict:
