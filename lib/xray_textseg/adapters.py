@@ -6,7 +6,8 @@ An *adapter* is what training produces, one directory:
                                                       format; absent when only head + decoder were trained)
     head.safetensors                                  text -> sparse-prompt projection head
     decoder.safetensors                               mask decoder weights (float16)
-    priors.json                                       prior boxes fitted on the training labels
+    priors.json                                       prior boxes fitted on the training labels (and
+                                                      relative to an anchor: clavicle from lung)
     metadata.json                                     backbone, text encoder, labels, training-set image
                                                       hashes, validation Dice per label, timestamp, mode,
                                                       serving settings chosen on validation (coarse_grow,
