@@ -184,12 +184,18 @@ def markdown(rows: list[dict]) -> str:
     for data in sorted({r["data"] for r in rows}):
         for lab in sorted({r["label"] for r in rows if r["data"] == data}):
             def mean(method, k=0):
-                v = [r["dice"] for r in rows if r["data"] == data and r["label"] == lab and r["method"] == method
-                     and r["k"] == k]
-                return f"{np.mean(v):.3f}" if v else "-"
+                by_seed = {r["seed"]: r["dice"] for r in rows if r["data"] == data and r["label"] == lab
+                           and r["method"] == method and r["k"] == k}
+                if not by_seed:
+                    return "-"
+                if len(by_seed) == 1:
+                    return f"{next(iter(by_seed.values())):.3f} (seed {next(iter(by_seed))})"
+                return f"{np.mean(list(by_seed.values())):.3f} (" + " / ".join(
+                    f"{by_seed[s]:.3f}" for s in sorted(by_seed)) + ")"
             lines.append(f"| {data} | {lab} | {mean('zero-shot')} | {mean('oracle-box')} | "
                          + " | ".join(mean("text+adapter", k) for k in ks) + " |")
-    return "\n".join(lines) + "\n\nMean test Dice over split seeds; k = training images (adapter validation taken from them).\n"
+    return "\n".join(lines) + ("\n\nTest Dice: mean over split seeds (each seed's value in brackets, seeds in "
+                               "ascending order); k = training images (adapter validation taken from them).\n")
 
 
 def plot(rows: list[dict], path: Path) -> None:
