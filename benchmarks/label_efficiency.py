@@ -60,9 +60,9 @@ def main(argv=None) -> int:
     ap.add_argument("--adapters", default="runs/label_efficiency",
                     help="where the trained adapters go (kept out of docs/)")
     ap.add_argument("--retune", action="store_true",
-                    help="with --resume: evaluate a copy of each adapter found with its priors refitted on its training "
-                         "films and its serving settings chosen again on its validation films (no retraining), so "
-                         "adapters trained before a serving option existed are measured with it")
+                    help="with --resume: evaluate a copy of each adapter found with its priors refitted on its "
+                         "training films and its serving settings chosen again on its validation films (no "
+                         "retraining), so adapters trained before a serving option existed are measured with it")
     ap.add_argument("--resume", action="store_true",
                     help="keep the rows already in OUT/results.json and skip what they cover; evaluate adapters "
                          "already trained in --adapters instead of training them again")

@@ -130,8 +130,8 @@ def test_relative_priors_place_each_clavicle_from_the_lung_on_its_side():
         for side in ("right", "left"):
             truth = np.asarray(mask_box(it.masks[f"{side}_clavicle"]), float)
             placed = priors.relative_box(f"{side}_clavicle", mask_box(it.masks[f"{side}_lung"]), it.image.shape)
-            other = priors.relative_box(f"{side}_clavicle", mask_box(it.masks[f"{'left' if side == 'right' else 'right'}_lung"]),
-                                        it.image.shape)
+            opposite = "left" if side == "right" else "right"
+            other = priors.relative_box(f"{side}_clavicle", mask_box(it.masks[f"{opposite}_lung"]), it.image.shape)
             cx, cy = (placed[0] + placed[2]) / 2, (placed[1] + placed[3]) / 2
             assert truth[0] < cx < truth[2] and truth[1] < cy < truth[3] and _iou(placed, truth) > 0.3
             assert _iou(other, truth) < 0.1  # placed from the other lung it lands elsewhere

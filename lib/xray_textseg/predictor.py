@@ -482,7 +482,6 @@ class Predictor:
         t1 = time.perf_counter()
         return results, {"coarse": 1e3 * (t_coarse - t0), "fine": 1e3 * (t1 - t_coarse)}
 
-
     def _anchor_prompt_boxes(self, parsed: list[ParsedLabel], sources: list[str], prompt_boxes: np.ndarray) -> None:
         """In place: the prompt box of each label without a user box whose adapter places it from an anchor (a
         clavicle from the lung on its side) is its relative prior on the anchor's coarse mask. The anchors' coarse
