@@ -162,10 +162,14 @@ def test_anchored_coarse_prompt_is_placed_from_the_anchor_and_chosen_on_validati
     film = p.predict("heart", refine=False).results[0].box
     assert np.allclose(film, p.priors.box("heart", image.shape))  # not chosen: the film prior
     p.label_prompt = {"heart": "anchor"}
-    lung = mask_box(p.predict("left lung", refine=False).mask("left_lung"))
+    lung_mask = p.predict("left lung", refine=False).mask("left_lung")
     anchored = p.predict("heart", refine=False)
-    assert np.allclose(anchored.results[0].box, p.priors.relative_box("heart", lung, image.shape))
+    assert np.allclose(anchored.results[0].box, p.priors.relative_box("heart", mask_box(lung_mask), image.shape))
     assert anchored.cache["result_hits"] == 0  # the choice is part of the result key
+    p.results.clear()  # both asked at once: the anchor's coarse mask serves the lung too (one decode, same mask)
+    both = p.predict("heart, left lung", refine=False)
+    assert np.allclose(both.results[0].box, anchored.results[0].box)
+    assert np.array_equal(both.mask("left_lung"), lung_mask)
     _, best = choose_coarse_grow(p, val_items, LABELS, (0.15, 0.3), margin=-1.0)
     assert best["coarse_prompt"]["left_lung"] == "film"  # no relative prior: never anchored
     dices = {("film", g): d for g, d in best["coarse_grow_val_dice"]["heart"].items()}

@@ -441,7 +441,7 @@ class Predictor:
             prompt_boxes.append(np.asarray(user, np.float32) if user is not None else self.priors.box(p.label, shape))
             sources.append("user_box" if user is not None else ("text" if self.head is not None else "prior"))
         prompt_boxes = np.stack(prompt_boxes)
-        self._anchor_prompt_boxes(parsed, sources, prompt_boxes)
+        anchor_masks = self._anchor_prompt_boxes(parsed, sources, prompt_boxes)
 
         tokens = self._text_tokens(parsed)
         # the coarse pass finds the structure; a user box already says where it is, so with refine its label
@@ -449,11 +449,15 @@ class Predictor:
         coarse = [i for i, s in enumerate(sources) if not refine or s != "user_box"]
         full: dict[int, np.ndarray] = {}
         iou = torch.zeros(len(parsed))
+        for i in coarse:  # an anchor asked for itself: its coarse mask was just decoded for the anchored label
+            if sources[i] != "user_box" and parsed[i].label in anchor_masks:
+                full[i], iou[i] = anchor_masks[parsed[i].label]
+        coarse = [i for i in coarse if i not in full]
         if coarse:
             view = self.coarse_view()
             logits, iou_c, _ = self._decode_boxes(view, prompt_boxes[coarse],
                                                   None if tokens is None else tokens[coarse])
-            full = dict(zip(coarse, view.logits_to_image(logits).numpy() > 0))
+            full.update(zip(coarse, view.logits_to_image(logits).numpy() > 0))
             iou[coarse] = iou_c
         results = []
         t_coarse = time.perf_counter()
@@ -482,25 +486,28 @@ class Predictor:
         t1 = time.perf_counter()
         return results, {"coarse": 1e3 * (t_coarse - t0), "fine": 1e3 * (t1 - t_coarse)}
 
-    def _anchor_prompt_boxes(self, parsed: list[ParsedLabel], sources: list[str], prompt_boxes: np.ndarray) -> None:
+    def _anchor_prompt_boxes(self, parsed: list[ParsedLabel], sources: list[str],
+                             prompt_boxes: np.ndarray) -> dict[str, tuple[np.ndarray, float]]:
         """In place: the prompt box of each label without a user box whose adapter places it from an anchor (a
         clavicle from the lung on its side) is its relative prior on the anchor's coarse mask. The anchors' coarse
-        masks take one decoder call on the film's embedding; where an anchor finds nothing the film prior stays."""
+        masks take one decoder call on the film's embedding; where an anchor finds nothing the film prior stays.
+        Returns {anchor: (coarse mask, predicted IoU)}, which is the anchor's own coarse pass when it is asked too."""
         wanted = {i: self.anchor_for(p.label) for i, p in enumerate(parsed) if sources[i] != "user_box"}
         anchors = sorted({a for a in wanted.values() if a is not None})
         if not anchors:
-            return
+            return {}
         shape = self._image.shape
         anchor_parsed = _as_parsed(anchors, self.labels)
         view = self.coarse_view()
         boxes = np.stack([self.priors.box(a, shape) for a in anchors])
-        logits, _, _ = self._decode_boxes(view, boxes, self._text_tokens(anchor_parsed))
-        found = {a: mask_box(largest_component(m)) for a, m in zip(anchors, view.logits_to_image(logits).numpy() > 0)}
+        logits, iou, _ = self._decode_boxes(view, boxes, self._text_tokens(anchor_parsed))
+        masks = view.logits_to_image(logits).numpy() > 0
         for i, a in wanted.items():
-            if a is not None and found[a] is not None:
-                box = self.priors.relative_box(parsed[i].label, found[a], shape)
-                if box is not None:
-                    prompt_boxes[i] = box
+            found = mask_box(largest_component(masks[anchors.index(a)])) if a is not None else None
+            box = None if found is None else self.priors.relative_box(parsed[i].label, found, shape)
+            if box is not None:
+                prompt_boxes[i] = box
+        return {a: (masks[j], float(iou[j])) for j, a in enumerate(anchors)}
 
 
 class ResultCache(LRU):
