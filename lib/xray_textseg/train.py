@@ -658,6 +658,8 @@ def retune_adapter(src: str | Path, out_dir: str | Path, data_dir: str | Path, *
     again on its own validation films (both found by name in ``data_dir``), weights unchanged: how an adapter
     trained before a serving option existed gets it without training again. Returns the new metadata."""
     src, out_dir = Path(src), Path(out_dir)
+    if out_dir.exists():  # checked again at the rename; here it saves the validation
+        raise FileExistsError(f"adapter directory already exists: {out_dir}")
     meta = json.loads((src / "metadata.json").read_text())
     labels = tuple(meta["labels"])
     cfg_fields = {k: v for k, v in meta.get("training", {}).get("config", {}).items()
