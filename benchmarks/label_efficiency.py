@@ -9,6 +9,10 @@ adapter. Writes JSON, a Markdown table and a plot.
     python benchmarks/label_efficiency.py --data ../shared/xray_real/jsrt_chest ../shared/xray_real/oai_lower_limb \
         --k 5 10 20 30 --seeds 0 1 --out docs/label_efficiency [--device cuda] [--test-limit 10]
 
+Runs made at different times (another seed, a later serving option) are put together without training
+by ``--render A/results.json B/results.json --out docs/label_efficiency``: a row of a later file replaces
+the same (data, seed, k, method, label) row of an earlier one.
+
 Experiments: ``--labels left_clavicle right_clavicle`` trains and tests only those labels; ``--set
 fine_shift=0.25`` sets any other TrainConfig field (see docs/results.md for the runs made this way).
 """
@@ -39,7 +43,7 @@ def labels_of(data: Path) -> tuple[str, ...]:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--data", nargs="+", required=True)
+    ap.add_argument("--data", nargs="+", default=None)
     ap.add_argument("--k", nargs="+", type=int, default=[5, 10, 20, 30])
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
     ap.add_argument("--out", default="docs/label_efficiency")
@@ -66,7 +70,15 @@ def main(argv=None) -> int:
     ap.add_argument("--resume", action="store_true",
                     help="keep the rows already in OUT/results.json and skip what they cover; evaluate adapters "
                          "already trained in --adapters instead of training them again")
+    ap.add_argument("--render", nargs="+", default=None, metavar="RESULTS_JSON",
+                    help="train nothing: merge these results.json files (a row of a later file replaces the row "
+                         "of an earlier one with the same data, seed, k, method and label) and write the merged "
+                         "results.json, results.md and plot to OUT")
     args = ap.parse_args(argv)
+    if args.render:
+        return render(args.render, Path(args.out))
+    if not args.data:
+        ap.error("--data is required (or --render RESULTS_JSON ... to only merge and tabulate)")
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -161,6 +173,28 @@ def main(argv=None) -> int:
     return 0
 
 
+def merge_rows(files: list) -> list[dict]:
+    """Rows of several results.json files; a later file's row replaces an earlier one with the same key."""
+    merged: dict[tuple, dict] = {}
+    for f in files:
+        for r in json.loads(Path(f).read_text()):
+            merged[(r["data"], r["seed"], r["k"], r["method"], r["label"])] = r
+    return list(merged.values())
+
+
+def render(files: list, out: Path) -> int:
+    rows = merge_rows(files)
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / "results.json.tmp"
+    tmp.write_text(json.dumps(rows, indent=2))
+    tmp.replace(out / "results.json")
+    table = markdown(rows)
+    (out / "results.md").write_text(table)
+    plot(rows, out / "label_efficiency.png")
+    print(table)
+    return 0
+
+
 def parse_overrides(pairs: list[str]) -> dict:
     """``["fine_shift=0.25", ...]`` -> TrainConfig keyword arguments; unknown fields are an error."""
     fields = set(TrainConfig.__dataclass_fields__)
@@ -209,14 +243,19 @@ def plot(rows: list[dict], path: Path) -> None:
     for ax, data in zip(axes[0], datasets):
         for i, lab in enumerate(sorted({r["label"] for r in rows if r["data"] == data})):
             ks = sorted({r["k"] for r in rows if r["data"] == data and r["k"]})
-            ys = [np.mean([r["dice"] for r in rows if r["data"] == data and r["label"] == lab and r["k"] == k
-                           and r["method"] == "text+adapter"]) for k in ks]
+            per_k = {k: [r["dice"] for r in rows if r["data"] == data and r["label"] == lab and r["k"] == k
+                         and r["method"] == "text+adapter"] for k in ks}
+            per_k = {k: v for k, v in per_k.items() if v}
             c = plt.get_cmap("tab10")(i)
-            ax.plot(ks, ys, "o-", color=c, label=lab)
+            ax.plot(list(per_k), [np.mean(v) for v in per_k.values()], "-", color=c, label=lab)
+            for k, v in per_k.items():  # each split's value; a single dot where only one split was run
+                ax.plot([k] * len(v), v, ".", color=c, ms=5)
             oracle = [r["dice"] for r in rows if r["data"] == data and r["label"] == lab and r["method"] == "oracle-box"]
             if oracle:
                 ax.axhline(np.mean(oracle), color=c, ls="--", lw=0.8)
-        ax.set_title(f"{data}: text+adapter (dashed: oracle box zero-shot)")
+        ax.set_title(f"{data}: text+adapter, mean of splits and each split\n(dashed: oracle box zero-shot)",
+                     fontsize=9)
+        ax.set_xticks(sorted({r["k"] for r in rows if r["data"] == data and r["k"]}))
         ax.set_xlabel("training images")
         ax.set_ylabel("test Dice")
         ax.set_ylim(0, 1)
