@@ -50,10 +50,12 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--mode", default="auto", help="training mode: auto | lora | cached")
     ap.add_argument("--epochs", type=int, default=40)
-    ap.add_argument("--time-budget", type=float, default=None, help="minutes per adapter, encoding included (the final validation comes on top)")
+    ap.add_argument("--time-budget", type=float, default=None,
+                    help="minutes per adapter, encoding included (the final validation comes on top)")
     ap.add_argument("--variants", type=int, default=None,
                     help="cached mode: augmented copies encoded per example (default: TrainConfig's)")
-    ap.add_argument("--labels", nargs="+", default=None, help="train and evaluate only these labels (default: all in DATA)")
+    ap.add_argument("--labels", nargs="+", default=None,
+                    help="train and evaluate only these labels (default: all in DATA)")
     ap.add_argument("--set", nargs="+", default=[], metavar="FIELD=VALUE",
                     help="other TrainConfig fields, e.g. --set fine_shift=0.25 (values parsed as JSON)")
     ap.add_argument("--test-limit", type=int, default=None, help="evaluate on at most N test images")
@@ -89,9 +91,7 @@ def main(argv=None) -> int:
         return any(r["data"] == data and r["seed"] == seed and r["k"] == k and r["method"] == method for r in rows)
 
     def save():
-        tmp = results.with_suffix(".tmp")
-        tmp.write_text(json.dumps(rows, indent=2))
-        tmp.replace(results)
+        write_rows(rows, results)
 
     overrides = parse_overrides(args.set)
     device = resolve_device(args.device)
@@ -165,12 +165,13 @@ def main(argv=None) -> int:
                           + f"  growth {grows if method == 'text+adapter' else predictor.coarse_grow}", flush=True)
                     save()
                 predictor.unload_adapter()
-    save()
-    table = markdown(rows)
-    (out / "results.md").write_text(table)
-    print(table)
-    plot(rows, out / "label_efficiency.png")
-    return 0
+    return write_outputs(rows, out)
+
+
+def write_rows(rows: list[dict], path: Path) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(rows, indent=2))
+    tmp.replace(path)
 
 
 def merge_rows(files: list) -> list[dict]:
@@ -183,15 +184,17 @@ def merge_rows(files: list) -> list[dict]:
 
 
 def render(files: list, out: Path) -> int:
-    rows = merge_rows(files)
     out.mkdir(parents=True, exist_ok=True)
-    tmp = out / "results.json.tmp"
-    tmp.write_text(json.dumps(rows, indent=2))
-    tmp.replace(out / "results.json")
+    return write_outputs(merge_rows(files), out)
+
+
+def write_outputs(rows: list[dict], out: Path) -> int:
+    """OUT/results.json (atomically), results.md and label_efficiency.png; prints the table."""
+    write_rows(rows, out / "results.json")
     table = markdown(rows)
     (out / "results.md").write_text(table)
-    plot(rows, out / "label_efficiency.png")
     print(table)
+    plot(rows, out / "label_efficiency.png")
     return 0
 
 
@@ -241,8 +244,8 @@ def plot(rows: list[dict], path: Path) -> None:
     datasets = sorted({r["data"] for r in rows})
     fig, axes = plt.subplots(1, len(datasets), figsize=(6 * len(datasets), 4), squeeze=False)
     for ax, data in zip(axes[0], datasets):
+        ks = sorted({r["k"] for r in rows if r["data"] == data and r["k"]})
         for i, lab in enumerate(sorted({r["label"] for r in rows if r["data"] == data})):
-            ks = sorted({r["k"] for r in rows if r["data"] == data and r["k"]})
             per_k = {k: [r["dice"] for r in rows if r["data"] == data and r["label"] == lab and r["k"] == k
                          and r["method"] == "text+adapter"] for k in ks}
             per_k = {k: v for k, v in per_k.items() if v}
@@ -250,12 +253,13 @@ def plot(rows: list[dict], path: Path) -> None:
             ax.plot(list(per_k), [np.mean(v) for v in per_k.values()], "-", color=c, label=lab)
             for k, v in per_k.items():  # each split's value; a single dot where only one split was run
                 ax.plot([k] * len(v), v, ".", color=c, ms=5)
-            oracle = [r["dice"] for r in rows if r["data"] == data and r["label"] == lab and r["method"] == "oracle-box"]
+            oracle = [r["dice"] for r in rows
+                      if r["data"] == data and r["label"] == lab and r["method"] == "oracle-box"]
             if oracle:
                 ax.axhline(np.mean(oracle), color=c, ls="--", lw=0.8)
         ax.set_title(f"{data}: text+adapter, mean of splits and each split\n(dashed: oracle box zero-shot)",
                      fontsize=9)
-        ax.set_xticks(sorted({r["k"] for r in rows if r["data"] == data and r["k"]}))
+        ax.set_xticks(ks)
         ax.set_xlabel("training images")
         ax.set_ylabel("test Dice")
         ax.set_ylim(0, 1)
