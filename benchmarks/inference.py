@@ -20,9 +20,10 @@ machine hits them alike):
 cache (the other rows run with it off, so they time decoding).
 
 Before/after rows: embedding cache off (``cache_size=0``), prompts sent one per request instead of in one
-decoder pass, batched fine pass off (``batch_fine=False``), encoder in PyTorch instead of ONNX Runtime (CPU), autograd mode (grad / no_grad / inference_mode)
-for encoder and decoder, intra-op threads (``--threads 1 2``), LoRA adapter merged vs unmerged, and on CUDA
-precision fp32 / TF32 / bf16 with encoder throughput at batch 1 / 4 / 16 (larger batches).
+decoder pass, batched fine pass off (``batch_fine=False``), encoder and decoder in PyTorch instead of ONNX Runtime
+(CPU), autograd mode (grad / no_grad / inference_mode, PyTorch only) for encoder and decoder, intra-op threads
+(``--threads 1 2``), LoRA adapter merged vs unmerged, and on CUDA precision fp32 / TF32 / bf16 with encoder
+throughput at batch 1 / 4 / 16 (larger batches).
 """
 
 from __future__ import annotations
@@ -205,6 +206,16 @@ def main(argv=None) -> int:
                 dt, _ = timed(request, pred, path, five)
                 record("5 prompts, new image, PyTorch encoder", dt, "before: encodes in PyTorch eager")
                 backbone._ort = saved
+                # the decoder in PyTorch eager instead of ONNX Runtime (embeddings cached: decoding only)
+                pred.set_image(load_radiograph(path))
+                pred.predict(five)
+                saved_dec, backbone._ort_decoders = backbone._ort_decoders, []
+                for p_ in prompts:
+                    dt, _ = timed(pred.predict, p_)
+                    record("warm, repeated prompt, PyTorch decoder", dt, "before: decodes in PyTorch eager")
+                dt, _ = timed(pred.predict, five)
+                record("5 prompts, all cached, PyTorch decoder", dt, "before: decodes in PyTorch eager")
+                backbone._ort_decoders = saved_dec
 
         if "naive" not in args.skip:
             dt, masks = timed(naive_request, backbone, path, prompts, refine, pred)
@@ -262,6 +273,8 @@ def main(argv=None) -> int:
         ("5 prompts as 5 requests, all cached", "5 prompts, all cached", "prompts in one request"),
         ("5 prompts, new image, fine pass unbatched", "5 prompts, new image", "batched fine pass, new image"),
         ("5 prompts, all cached, fine pass unbatched", "5 prompts, all cached", "batched fine pass, cached"),
+        ("warm, repeated prompt, PyTorch decoder", "warm, repeated prompt", "ONNX Runtime decoder, 1 prompt"),
+        ("5 prompts, all cached, PyTorch decoder", "5 prompts, all cached", "ONNX Runtime decoder, 5 prompts"),
         ("encode, grad", "encode, inference_mode", "inference_mode vs autograd on (encoder)"),
         ("encode, no_grad", "encode, inference_mode", "inference_mode vs no_grad (encoder)"),
         ("decode 5 prompts, grad", "decode 5 prompts, inference_mode", "inference_mode vs autograd on (decoder)"),
@@ -314,9 +327,17 @@ def main(argv=None) -> int:
 
 def naive_request(backbone, path: Path, prompts: list[str], refine: bool, geometry) -> dict:
     """What a plain segment_anything SamPredictor loop costs: for every prompt set_image (encode) and predict one
-    box; with refinement the crop of each structure is encoded and decoded too. No cache, fp32, torch.no_grad.
-    Same views, boxes and merging as the predictor (so the masks match); ``geometry`` only lends its priors,
-    tiling and coarse view."""
+    box; with refinement the crop of each structure is encoded and decoded too. No cache, fp32, torch.no_grad,
+    PyTorch eager for encoder and decoder (no ONNX Runtime). Same views, boxes and merging as the predictor (so
+    the masks match); ``geometry`` only lends its priors, tiling and coarse view."""
+    saved, backbone._ort_decoders = backbone._ort_decoders, []
+    try:
+        return _naive_request(backbone, path, prompts, refine, geometry)
+    finally:
+        backbone._ort_decoders = saved
+
+
+def _naive_request(backbone, path: Path, prompts: list[str], refine: bool, geometry) -> dict:
     import torch
     from xray_textseg.io import load_radiograph
     from xray_textseg.predictor import Predictor, grow_box, tile_boxes
@@ -364,6 +385,16 @@ def grad_modes(pred, path: Path, prompts: list[str], record, timed) -> None:
     boxes = torch.from_numpy(view.box_to_model(np.stack([pred.priors.box(p.replace(" ", "_"), pred._image.shape)
                                                          for p in prompts])))
     modes = {"grad": torch.enable_grad, "no_grad": torch.no_grad, "inference_mode": torch.inference_mode}
+    # PyTorch throughout: ONNX Runtime only answers without autograd, so it would be a different engine per mode
+    saved = bb._ort, bb._ort_decoders
+    bb._ort, bb._ort_decoders = None, []
+    try:
+        _grad_modes(bb, x, boxes, modes, record, timed)
+    finally:
+        bb._ort, bb._ort_decoders = saved
+
+
+def _grad_modes(bb, x, boxes, modes, record, timed) -> None:
     for name, ctx in modes.items():
         def enc(ctx=ctx):
             with ctx():

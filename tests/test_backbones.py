@@ -73,14 +73,15 @@ def test_onnxruntime_encoder_matches_pytorch_and_is_exported_once(tmp_path):
     with torch.inference_mode():
         ref = bb.image_encoder(x)
         assert bb.enable_onnxruntime(tmp_path)
-        (graph,) = tmp_path.glob("*.onnx")
+        (graph,) = _encoder_graphs(tmp_path)
         fast = bb.encode(x)
     assert fast.shape == ref.shape and float((fast - ref).abs().max()) < 1e-4
     assert not torch.equal(fast, ref)  # a different engine ran (PyTorch would be bit-identical)
     stamp = graph.stat().st_mtime_ns
     again = build_backbone(device="cpu")
     assert again.enable_onnxruntime(tmp_path)  # reuses the graph on disk
-    assert graph.stat().st_mtime_ns == stamp and [p.name for p in tmp_path.iterdir()] == [graph.name]
+    assert graph.stat().st_mtime_ns == stamp and sorted(tmp_path.iterdir()) == sorted(tmp_path.glob("*.onnx"))
+    assert len(list(tmp_path.iterdir())) == 2  # the encoder's graph and the decoder's, nothing half-written
     with torch.inference_mode():
         assert torch.equal(again.encode(x), fast)
 
@@ -115,7 +116,7 @@ def test_onnxruntime_leaves_other_encodes_to_pytorch(tmp_path):
 def test_broken_onnx_graph_falls_back_then_is_rebuilt(tmp_path):
     bb = build_backbone(device="cpu")
     assert bb.enable_onnxruntime(tmp_path)
-    (graph,) = tmp_path.glob("*.onnx")
+    (graph,) = _encoder_graphs(tmp_path)
     graph.write_bytes(b"not an onnx graph")
     broken = build_backbone(device="cpu")
     assert not broken.enable_onnxruntime(tmp_path) and broken._ort is None  # PyTorch, with a warning
@@ -124,3 +125,94 @@ def test_broken_onnx_graph_falls_back_then_is_rebuilt(tmp_path):
         assert torch.equal(broken.encode(x), broken.image_encoder(x))
     assert not graph.exists()  # removed, so the next start exports it again
     assert build_backbone(device="cpu").enable_onnxruntime(tmp_path) and graph.stat().st_size > 1e6
+
+
+def _encoder_graphs(folder):
+    return [p for p in folder.glob("*.onnx") if "_decoder_" not in p.name]
+
+
+def _decode_inputs(bb, n=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    emb = torch.randn(1, 256, 64, 64, generator=g)
+    boxes = torch.tensor([[20.0, 30.0, 120.0, 200.0], [100.0, 40.0, 230.0, 220.0], [60.0, 60.0, 90.0, 90.0]])[:n]
+    tokens = torch.randn(n, 4, 256, generator=g)  # as a text head appends them
+    with torch.inference_mode():
+        sparse, dense = bb.prompt_embeddings(n, boxes=boxes, tokens=tokens)
+    return emb, sparse, dense
+
+
+def _torch_decode(bb, emb, sparse, dense):
+    with torch.inference_mode():
+        logits, iou = bb.mask_decoder(image_embeddings=emb, image_pe=bb.prompt_encoder.get_dense_pe(),
+                                      sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,
+                                      multimask_output=False)
+    return logits, iou[:, 0]
+
+
+def test_onnxruntime_decoder_matches_pytorch_and_follows_the_weights(tmp_path):
+    import copy
+
+    bb = build_backbone(device="cpu")
+    assert bb.enable_onnxruntime(tmp_path)
+    (graph,) = tmp_path.glob("*_decoder_*.onnx")
+    emb, sparse, dense = _decode_inputs(bb)
+    ref = _torch_decode(bb, emb, sparse, dense)
+    with torch.inference_mode():
+        fast = bb.decode(emb, sparse, dense)
+        batched = bb.decode(emb.repeat(3, 1, 1, 1), sparse, dense)  # one embedding per prompt (the fine pass)
+    for got in (fast, batched):
+        assert got[0].shape == ref[0].shape and got[1].shape == ref[1].shape == (3,)
+        assert float((got[0] - ref[0]).abs().max()) < 1e-3 and float((got[1] - ref[1]).abs().max()) < 1e-4
+    assert not torch.equal(fast[0], ref[0])  # ONNX Runtime answered (PyTorch would be bit-identical)
+    assert ((fast[0] > 0) == (ref[0] > 0)).float().mean() > 0.999
+
+    # decoding with gradients (training) stays in PyTorch
+    out = bb.decode(emb, sparse.clone().requires_grad_(), dense)
+    assert out[0].grad_fn is not None
+
+    # weights changed in place (an optimiser step, load_state_dict): the old graph no longer answers ...
+    with torch.no_grad():
+        next(bb.mask_decoder.parameters()).mul_(0.5)
+    changed = _torch_decode(bb, emb, sparse, dense)
+    with torch.inference_mode():
+        assert torch.equal(bb.decode(emb, sparse, dense)[0], changed[0])
+    # ... until the decoder is prepared again: a second graph, for the new weights
+    assert bb.prepare_onnxruntime_decoder()
+    assert len(list(tmp_path.glob("*_decoder_*.onnx"))) == 2 and graph.exists()
+    with torch.inference_mode():
+        again = bb.decode(emb, sparse, dense)
+    assert not torch.equal(again[0], changed[0]) and float((again[0] - changed[0]).abs().max()) < 1e-3
+
+    # another decoder module (an adapter's) is not answered by a graph made for a different module
+    other = copy.deepcopy(bb.mask_decoder)
+    bb.mask_decoder = other
+    with torch.inference_mode():
+        assert torch.equal(bb.decode(emb, sparse, dense)[0], _torch_decode(bb, emb, sparse, dense)[0])
+    # a copied backbone (the trainer copies it) shares the sessions and follows its own copy of the decoder
+    assert bb.prepare_onnxruntime_decoder()  # same weights as the second graph: reused from disk, no new file
+    assert len(list(tmp_path.glob("*_decoder_*.onnx"))) == 2
+    cp = copy.deepcopy(bb)
+    assert cp._ort_decoders[-1].source is cp.mask_decoder
+    assert cp._ort_decoders[-1].session is bb._ort_decoders[-1].session
+    with torch.inference_mode():
+        assert torch.equal(cp.decode(emb, sparse, dense)[0], again[0])
+
+
+def test_decoder_graphs_on_disk_are_pruned(tmp_path):
+    import os
+
+    from xray_textseg.backbones import KEEP_DECODER_GRAPHS
+
+    for i in range(KEEP_DECODER_GRAPHS + 3):  # graphs of adapters retrained long ago
+        old = tmp_path / f"litemedsam_decoder_{i:016d}_torch0.onnx"
+        old.write_bytes(b"old")
+        os.utime(old, ns=(i * 10**9, i * 10**9))
+    keep = tmp_path / "unrelated.onnx"
+    keep.write_bytes(b"the encoder")
+    bb = build_backbone(device="cpu")
+    assert bb.enable_onnxruntime(tmp_path)
+    graphs = sorted(tmp_path.glob("*_decoder_*.onnx"))
+    assert len(graphs) == KEEP_DECODER_GRAPHS and bb._ort_decoders[-1].path in graphs
+    newest_old = {f"litemedsam_decoder_{i:016d}_torch0.onnx" for i in range(4, KEEP_DECODER_GRAPHS + 3)}
+    assert {p.name for p in graphs} - {bb._ort_decoders[-1].path.name} == newest_old
+    assert keep.exists()

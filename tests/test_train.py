@@ -85,6 +85,34 @@ def test_round_trip_reproduces_predictions_exactly(setup):
     assert (a.crop_margin, a.max_tile_aspect) == (0.1, 2.0)
 
 
+def test_adapter_served_through_onnxruntime_matches_pytorch(setup, tmp_path):
+    """The serving default decodes on the CPU through ONNX Runtime: loading an adapter exports its decoder, the
+    masks match PyTorch's, and unloading goes back to the base decoder's graph."""
+    import copy
+
+    ort_backbone = copy.deepcopy(setup["backbone"])
+    assert ort_backbone.enable_onnxruntime(tmp_path)
+    fast = Predictor(ort_backbone, labels=LABELS, text_encoder=setup["encoder"])
+    plain = Predictor(setup["backbone"], labels=LABELS, text_encoder=setup["encoder"])
+    base_graph = ort_backbone._ort_decoders[-1]
+    for p in (fast, plain):
+        p.load_adapter(setup["path"])
+    adapter_graph = ort_backbone._ort_decoders[-1]
+    assert adapter_graph is not base_graph and adapter_graph.source is ort_backbone.mask_decoder
+    assert len(list(tmp_path.glob("*_decoder_*.onnx"))) == 2
+    image = setup["items"][0].image
+    for p in (fast, plain):
+        p.set_image(image)
+    got, ref = fast.predict("left lung, heart"), plain.predict("left lung, heart")
+    for a, b in zip(got.results, ref.results):
+        inter = np.logical_and(a.mask, b.mask).sum()
+        assert 2 * inter / (a.mask.sum() + b.mask.sum()) > 0.999 and a.score == pytest.approx(b.score, abs=1e-4)
+    fast.unload_adapter()
+    plain.unload_adapter()
+    assert base_graph in ort_backbone._ort_decoders  # kept beside the adapter's: unloading exports nothing
+    assert any(d.current(ort_backbone.mask_decoder, ort_backbone.prompt_encoder) for d in ort_backbone._ort_decoders)
+
+
 def test_adapter_carries_per_label_growth_chosen_on_validation(setup):
     meta, cfg = setup["meta"], setup["cfg"]
     chosen, table = meta["serving"]["coarse_grow"], meta["serving"]["coarse_grow_val_dice"]

@@ -50,6 +50,8 @@ class Backbone(nn.Module):
         self.checkpoint = checkpoint
         self.weights_id = _weights_id(checkpoint)
         self._ort: OrtEncoder | None = None  # see enable_onnxruntime
+        self._ort_dir: Path | None = None  # where exported graphs live; None = ONNX Runtime off
+        self._ort_decoders: list[OrtDecoder] = []  # exported decoders, newest last (base + recent adapters)
 
     # --- geometry --------------------------------------------------------------------------------
     def full_view(self, image_shape: tuple[int, int]) -> View:
@@ -70,19 +72,45 @@ class Backbone(nn.Module):
         return self.image_encoder(x.to(self.device))
 
     def enable_onnxruntime(self, cache_dir: str | Path | None = None) -> bool:
-        """Run CPU encodes of *this* image encoder (fp32, one input, no gradient) through ONNX Runtime: on 2 cores
-        a LiteMedSAM encode takes ~0.9 s instead of ~1.8 s, max abs difference ~2e-6. The graph is exported once
-        per machine into ``cache_dir`` (default ``$XRAY_TEXTSEG_CACHE`` or ``~/.cache/xray_textseg``; ~3 s) and
-        checked against PyTorch then. Anything else (a LoRA encoder, a batch, autocast, training, CUDA) keeps
-        PyTorch. Returns False, with a log line, when onnxruntime is missing or the export fails."""
+        """Run CPU encodes of *this* image encoder and CPU decodes of *this* mask decoder (fp32, no gradient)
+        through ONNX Runtime: on 2 cores a LiteMedSAM encode takes ~0.9 s instead of ~1.8 s and a decode about
+        half PyTorch's time; logits differ by ~1e-5. Graphs are exported once per machine (and per decoder
+        weights) into ``cache_dir`` (default ``$XRAY_TEXTSEG_CACHE`` or ``~/.cache/xray_textseg``; ~3 s) and
+        checked against PyTorch then. Anything else (a LoRA encoder, a batch of films, autocast, training, a
+        decoder changed since its export, CUDA) keeps PyTorch. Returns False, with a log line, when onnxruntime
+        is missing or the encoder export fails; a failed decoder export only leaves decodes in PyTorch."""
         if self.device.type != "cpu":
             return False
+        cache_dir = Path(cache_dir or default_cache_dir())
         try:
-            self._ort = OrtEncoder.build(self, Path(cache_dir or default_cache_dir()))
+            self._ort = OrtEncoder.build(self, cache_dir)
         except Exception as exc:  # noqa: BLE001 - an optional speed-up: PyTorch stays correct
             logger.warning("ONNX Runtime encoder not used (%s: %s); encoding with PyTorch", type(exc).__name__, exc)
             self._ort = None
-        return self._ort is not None
+            return False
+        self._ort_dir = cache_dir
+        self.prepare_onnxruntime_decoder()
+        return True
+
+    def prepare_onnxruntime_decoder(self, decoder: nn.Module | None = None) -> bool:
+        """With ONNX Runtime on, make ``decoder`` (default: the current mask decoder; an adapter's before it is
+        installed) decode through it: export its graph, or reuse the one on disk for the same weights. The
+        predictor calls this when it loads or unloads an adapter. False (PyTorch decodes) when ONNX Runtime is
+        off or the export fails. Training is safe: a decoder whose weights changed since the export (an optimiser
+        step, ``load_state_dict``) decodes in PyTorch, and so does any decode with gradients."""
+        decoder = self.mask_decoder if decoder is None else decoder
+        if self._ort_dir is None:
+            return False
+        if any(d.current(decoder, self.prompt_encoder) for d in self._ort_decoders):
+            return True
+        try:
+            fast = OrtDecoder.build(self, decoder, self._ort_dir)
+        except Exception as exc:  # noqa: BLE001 - an optional speed-up: PyTorch stays correct
+            logger.warning("ONNX Runtime decoder not used (%s: %s); decoding with PyTorch", type(exc).__name__, exc)
+            return False
+        kept = [d for d in self._ort_decoders if d.source is not decoder]
+        self._ort_decoders = kept[-(KEEP_DECODER_SESSIONS - 1):] + [fast]
+        return True
 
     def prompt_embeddings(self, n: int, boxes: torch.Tensor | None = None,
                           points: tuple[torch.Tensor, torch.Tensor] | None = None,
@@ -108,6 +136,9 @@ class Backbone(nn.Module):
     def decode(self, embedding: torch.Tensor, sparse: torch.Tensor,
                dense: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Mask logits (N, 1, 256, 256) and predicted IoU (N,) for N prompts on 1 (or N) embeddings."""
+        fast = self._fast_decoder(embedding, sparse, dense)
+        if fast is not None:
+            return fast(embedding, sparse, dense)
         logits, iou = self.mask_decoder(
             image_embeddings=embedding.to(self.device),
             image_pe=self.prompt_encoder.get_dense_pe(),
@@ -116,6 +147,17 @@ class Backbone(nn.Module):
             multimask_output=False,
         )
         return logits, iou[:, 0]
+
+    def _fast_decoder(self, *inputs: torch.Tensor) -> OrtDecoder | None:
+        if not self._ort_decoders or torch.is_autocast_enabled("cpu"):
+            return None
+        if any(x.device.type != "cpu" or x.dtype != torch.float32 for x in inputs):
+            return None
+        if torch.is_grad_enabled() and (any(x.requires_grad for x in inputs)
+                                        or any(p.requires_grad for p in self.mask_decoder.parameters())):
+            return None
+        return next((d for d in reversed(self._ort_decoders) if d.current(self.mask_decoder, self.prompt_encoder)),
+                    None)
 
     def describe(self) -> dict:
         n_params = sum(p.numel() for p in self.parameters())
@@ -273,6 +315,129 @@ class OrtEncoder:
         new = copy.copy(self)
         new.source = copy.deepcopy(self.source, memo)
         return new
+
+
+KEEP_DECODER_SESSIONS = 3  # the base decoder, the served adapter's and one more (a candidate being validated)
+KEEP_DECODER_GRAPHS = 8  # decoder graphs on disk (16 MB each for LiteMedSAM); the least recently used go
+
+
+class _DecoderGraph(nn.Module):
+    """What gets exported: the mask decoder with the prompt encoder's dense positional encoding as a constant."""
+
+    def __init__(self, decoder: nn.Module, image_pe: torch.Tensor):
+        super().__init__()
+        self.decoder = decoder
+        self.register_buffer("image_pe", image_pe)
+
+    def forward(self, embedding, sparse, dense):
+        logits, iou = self.decoder(image_embeddings=embedding, image_pe=self.image_pe,
+                                   sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,
+                                   multimask_output=False)
+        return logits, iou[:, 0]
+
+
+def _versions(*modules: nn.Module) -> tuple[int, ...]:
+    """The in-place version counters of the modules' tensors: any change to the weights (an optimiser step,
+    ``load_state_dict``, ``copy_``) moves one, so an exported graph can tell it no longer matches them."""
+    return tuple(t._version for m in modules for t in m.state_dict().values())
+
+
+class OrtDecoder:
+    """An ONNX Runtime session for one mask decoder (``source``) as its weights were at export. Inputs: embedding
+    (1 or N, 256, E, E), sparse (N, T, 256), dense (N, 256, E, E); N and T are free."""
+
+    def __init__(self, session, source: nn.Module, prompt_encoder: nn.Module, path: Path):
+        self.session, self.source, self.prompt_encoder, self.path = session, source, prompt_encoder, path
+        self.versions = _versions(source, prompt_encoder)
+
+    @classmethod
+    def build(cls, backbone: Backbone, decoder: nn.Module, cache_dir: Path) -> OrtDecoder:
+        import onnxruntime as ort
+
+        with torch.no_grad():
+            pe = backbone.prompt_encoder.get_dense_pe().detach().to("cpu", torch.float32).clone()
+        digest = hashlib.sha256(pe.numpy().tobytes())
+        for name, t in decoder.state_dict().items():
+            digest.update(name.encode())
+            digest.update(t.detach().to("cpu").contiguous().numpy().tobytes())
+        path = cache_dir / f"{backbone.name}_decoder_{digest.hexdigest()[:16]}_torch{torch.__version__}.onnx"
+        graph = _DecoderGraph(copy.deepcopy(decoder).to("cpu").eval(), pe)
+        e = pe.shape[-1]
+        fresh = not path.is_file()
+        if fresh:  # export once per weights, atomically: a crash leaves no half-written graph
+            cache_dir.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+            example = (torch.zeros(1, 256, e, e), torch.zeros(1, 2, 256), torch.zeros(1, 256, e, e))
+            try:
+                with torch.no_grad(), warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    torch.onnx.export(graph, example, str(tmp), dynamo=False, opset_version=17,
+                                      input_names=["embedding", "sparse", "dense"], output_names=["logits", "iou"],
+                                      dynamic_axes={"embedding": {0: "b"}, "sparse": {0: "n", 1: "t"},
+                                                    "dense": {0: "n"}, "logits": {0: "n"}, "iou": {0: "n"}})
+                os.replace(tmp, path)
+            finally:
+                tmp.unlink(missing_ok=True)
+            _prune_decoder_graphs(cache_dir, keep=path)
+        else:
+            os.utime(path)  # recently used: pruning keeps it
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = torch.get_num_threads()
+        opts.inter_op_num_threads = 1
+        opts.log_severity_level = 3
+        try:
+            session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        except Exception:
+            path.unlink(missing_ok=True)  # unreadable graph: export again next time
+            raise
+        dec = cls(session, decoder, backbone.prompt_encoder, path)
+        if fresh:
+            g = torch.Generator().manual_seed(0)
+            cases = [(1, 2, 3)] + ([(2, 2, 3)] if backbone.name == "litemedsam" else [])  # (embeddings, prompts, T)
+            err = 0.0
+            for b, n, t in cases:
+                args = (torch.randn(b, 256, e, e, generator=g), torch.randn(n, t, 256, generator=g),
+                        torch.randn(n, 256, e, e, generator=g))
+                with torch.no_grad():
+                    ref = graph(*args)
+                got = dec(*args)
+                err = max(err, float((got[0] - ref[0]).abs().max()), float((got[1] - ref[1]).abs().max()))
+            if err > 1e-3:
+                path.unlink(missing_ok=True)
+                raise RuntimeError(f"exported decoder differs from PyTorch by {err:.2g}")
+            logger.info("exported the %s decoder to %s (max difference %.1e)", backbone.name, path, err)
+        return dec
+
+    def current(self, decoder: nn.Module, prompt_encoder: nn.Module) -> bool:
+        """Whether this graph still computes ``decoder``: the same module, unchanged since the export."""
+        if decoder is not self.source or prompt_encoder is not self.prompt_encoder:
+            return False
+        try:
+            return _versions(decoder, prompt_encoder) == self.versions
+        except RuntimeError:  # tensors made under inference_mode keep no version: cannot tell, so PyTorch
+            return False
+
+    def __call__(self, embedding: torch.Tensor, sparse: torch.Tensor,
+                 dense: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        feed = {"embedding": embedding.detach().contiguous().numpy(), "sparse": sparse.detach().contiguous().numpy(),
+                "dense": dense.detach().contiguous().numpy()}
+        logits, iou = self.session.run(None, feed)
+        return torch.from_numpy(logits), torch.from_numpy(iou)
+
+    def __deepcopy__(self, memo):  # a copied backbone shares the session and follows its copied modules
+        new = copy.copy(self)
+        new.source = copy.deepcopy(self.source, memo)
+        new.prompt_encoder = copy.deepcopy(self.prompt_encoder, memo)
+        new.versions = _versions(new.source, new.prompt_encoder)
+        return new
+
+
+def _prune_decoder_graphs(cache_dir: Path, keep: Path) -> None:
+    """Keep the KEEP_DECODER_GRAPHS most recently used decoder graphs: each retrained adapter adds one."""
+    graphs = sorted((p for p in cache_dir.glob("*_decoder_*.onnx") if p != keep),
+                    key=lambda p: p.stat().st_mtime_ns, reverse=True)
+    for old in graphs[KEEP_DECODER_GRAPHS - 1:]:
+        old.unlink(missing_ok=True)
 
 
 def _load_into(net: nn.Module, checkpoint: str, strict: bool) -> None:

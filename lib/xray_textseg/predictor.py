@@ -191,9 +191,11 @@ class Predictor:
             if merge:
                 encoder = encoder.merge_and_unload()
         dev = self.backbone.device
+        decoder = decoder.to(dev).eval()
+        self.backbone.prepare_onnxruntime_decoder(decoder)  # CPU decodes through ONNX Runtime when it is on
         with self._lock:
             self.backbone.image_encoder = encoder.to(dev).eval()
-            self.backbone.mask_decoder = decoder.to(dev).eval()
+            self.backbone.mask_decoder = decoder
             self.head = head.to(dev).eval()
             self.priors = PriorBoxes.from_json(adapter.priors)
             self.adapter_version = adapter.version
@@ -213,6 +215,7 @@ class Predictor:
         with self._lock:
             encoder, decoder, priors = self._base
             self.backbone.image_encoder, self.backbone.mask_decoder, self.priors = encoder, decoder, priors
+            self.backbone.prepare_onnxruntime_decoder()  # normally still prepared: then a no-op
             self.head, self.adapter_version, self.adapter_metadata, self.encoder_version = None, "none", {}, "base"
             self.crop_margin, self.max_tile_aspect = self._base_geometry
             self.label_grow, self.label_prompt = {}, {}
