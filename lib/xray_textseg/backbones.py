@@ -267,31 +267,10 @@ class OrtEncoder:
 
     @classmethod
     def build(cls, backbone: Backbone, cache_dir: Path) -> OrtEncoder:
-        import onnxruntime as ort
-
         size = backbone.input_size
         path = cache_dir / f"{backbone.name}_{backbone.weights_id}_{size}_torch{torch.__version__}.onnx"
-        fresh = not path.is_file()
-        if fresh:  # export once, atomically: a crash leaves no half-written graph
-            cache_dir.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-            try:
-                with torch.no_grad(), warnings.catch_warnings():
-                    warnings.simplefilter("ignore")  # the tracer's notes about shape asserts in the encoder
-                    torch.onnx.export(backbone.image_encoder, (torch.zeros(1, 3, size, size),), str(tmp),
-                                      dynamo=False, opset_version=17, input_names=["x"], output_names=["embedding"])
-                os.replace(tmp, path)
-            finally:
-                tmp.unlink(missing_ok=True)
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = torch.get_num_threads()
-        opts.inter_op_num_threads = 1
-        opts.log_severity_level = 3
-        try:
-            session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-        except Exception:
-            path.unlink(missing_ok=True)  # unreadable graph: export again next time
-            raise
+        session, fresh = _exported_session(path, backbone.image_encoder, (torch.zeros(1, 3, size, size),),
+                                           input_names=["x"], output_names=["embedding"])
         enc = cls(session, backbone.image_encoder, size, path)
         if fresh:
             x = torch.rand(enc.shape, generator=torch.Generator().manual_seed(0))
@@ -352,8 +331,6 @@ class OrtDecoder:
 
     @classmethod
     def build(cls, backbone: Backbone, decoder: nn.Module, cache_dir: Path) -> OrtDecoder:
-        import onnxruntime as ort
-
         with torch.no_grad():
             pe = backbone.prompt_encoder.get_dense_pe().detach().to("cpu", torch.float32).clone()
         digest = hashlib.sha256(pe.numpy().tobytes())
@@ -363,33 +340,15 @@ class OrtDecoder:
         path = cache_dir / f"{backbone.name}_decoder_{digest.hexdigest()[:16]}_torch{torch.__version__}.onnx"
         graph = _DecoderGraph(copy.deepcopy(decoder).to("cpu").eval(), pe)
         e = pe.shape[-1]
-        fresh = not path.is_file()
-        if fresh:  # export once per weights, atomically: a crash leaves no half-written graph
-            cache_dir.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-            example = (torch.zeros(1, 256, e, e), torch.zeros(1, 2, 256), torch.zeros(1, 256, e, e))
-            try:
-                with torch.no_grad(), warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
-                    torch.onnx.export(graph, example, str(tmp), dynamo=False, opset_version=17,
-                                      input_names=["embedding", "sparse", "dense"], output_names=["logits", "iou"],
-                                      dynamic_axes={"embedding": {0: "b"}, "sparse": {0: "n", 1: "t"},
-                                                    "dense": {0: "n"}, "logits": {0: "n"}, "iou": {0: "n"}})
-                os.replace(tmp, path)
-            finally:
-                tmp.unlink(missing_ok=True)
-            _prune_decoder_graphs(cache_dir, keep=path)
-        else:
+        if path.is_file():
             os.utime(path)  # recently used: pruning keeps it
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = torch.get_num_threads()
-        opts.inter_op_num_threads = 1
-        opts.log_severity_level = 3
-        try:
-            session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-        except Exception:
-            path.unlink(missing_ok=True)  # unreadable graph: export again next time
-            raise
+        example = (torch.zeros(1, 256, e, e), torch.zeros(1, 2, 256), torch.zeros(1, 256, e, e))
+        session, fresh = _exported_session(path, graph, example, input_names=["embedding", "sparse", "dense"],
+                                           output_names=["logits", "iou"],
+                                           dynamic_axes={"embedding": {0: "b"}, "sparse": {0: "n", 1: "t"},
+                                                         "dense": {0: "n"}, "logits": {0: "n"}, "iou": {0: "n"}})
+        if fresh:
+            _prune_decoder_graphs(cache_dir, keep=path)
         dec = cls(session, decoder, backbone.prompt_encoder, path)
         if fresh:
             g = torch.Generator().manual_seed(0)
@@ -430,6 +389,34 @@ class OrtDecoder:
         new.prompt_encoder = copy.deepcopy(self.prompt_encoder, memo)
         new.versions = _versions(new.source, new.prompt_encoder)
         return new
+
+
+def _exported_session(path: Path, module: nn.Module, example: tuple, **names) -> tuple[object, bool]:
+    """An ONNX Runtime CPU session for ``module``'s graph at ``path``, exported first (once, atomically: a crash
+    leaves no half-written graph) when it is not there. Returns (session, whether it was exported just now); an
+    unreadable graph is removed, so the next call exports it again."""
+    import onnxruntime as ort
+
+    fresh = not path.is_file()
+    if fresh:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        try:
+            with torch.no_grad(), warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # the tracer's notes about shape asserts
+                torch.onnx.export(module, example, str(tmp), dynamo=False, opset_version=17, **names)
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = torch.get_num_threads()
+    opts.inter_op_num_threads = 1
+    opts.log_severity_level = 3
+    try:
+        return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"]), fresh
+    except Exception:
+        path.unlink(missing_ok=True)
+        raise
 
 
 def _prune_decoder_graphs(cache_dir: Path, keep: Path) -> None:
