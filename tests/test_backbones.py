@@ -77,10 +77,10 @@ def test_onnxruntime_encoder_matches_pytorch_and_is_exported_once(tmp_path):
         fast = bb.encode(x)
     assert fast.shape == ref.shape and float((fast - ref).abs().max()) < 1e-4
     assert not torch.equal(fast, ref)  # a different engine ran (PyTorch would be bit-identical)
-    stamp = graph.stat().st_mtime_ns
+    inode = graph.stat().st_ino  # a new export would replace the file (os.replace: a new inode)
     again = build_backbone(device="cpu")
     assert again.enable_onnxruntime(tmp_path)  # reuses the graph on disk
-    assert graph.stat().st_mtime_ns == stamp and sorted(tmp_path.iterdir()) == sorted(tmp_path.glob("*.onnx"))
+    assert graph.stat().st_ino == inode and sorted(tmp_path.iterdir()) == sorted(tmp_path.glob("*.onnx"))
     assert len(list(tmp_path.iterdir())) == 2  # the encoder's graph and the decoder's, nothing half-written
     with torch.inference_mode():
         assert torch.equal(again.encode(x), fast)
@@ -198,21 +198,28 @@ def test_onnxruntime_decoder_matches_pytorch_and_follows_the_weights(tmp_path):
         assert torch.equal(cp.decode(emb, sparse, dense)[0], again[0])
 
 
-def test_decoder_graphs_on_disk_are_pruned(tmp_path):
+def test_graphs_on_disk_are_pruned(tmp_path):
     import os
 
-    from xray_textseg.backbones import KEEP_DECODER_GRAPHS
+    from xray_textseg.backbones import KEEP_DECODER_GRAPHS, KEEP_ENCODER_GRAPHS
 
-    for i in range(KEEP_DECODER_GRAPHS + 3):  # graphs of adapters retrained long ago
-        old = tmp_path / f"litemedsam_decoder_{i:016d}_torch0.onnx"
-        old.write_bytes(b"old")
-        os.utime(old, ns=(i * 10**9, i * 10**9))
-    keep = tmp_path / "unrelated.onnx"
-    keep.write_bytes(b"the encoder")
+    def old_graphs(pattern, n):  # graphs of adapters retrained long ago, of venvs since removed
+        for i in range(n):
+            old = tmp_path / pattern.format(i)
+            old.write_bytes(b"old")
+            os.utime(old, ns=(i * 10**9, i * 10**9))
+
+    old_graphs("litemedsam_decoder_{:016d}_torch0.onnx", KEEP_DECODER_GRAPHS + 3)
+    old_graphs("litemedsam_{:012d}_256_torch0.onnx", KEEP_ENCODER_GRAPHS + 2)
+    (tmp_path / "notes.txt").write_text("not a graph")
     bb = build_backbone(device="cpu")
     assert bb.enable_onnxruntime(tmp_path)
-    graphs = sorted(tmp_path.glob("*_decoder_*.onnx"))
-    assert len(graphs) == KEEP_DECODER_GRAPHS and bb._ort_decoders[-1].path in graphs
-    newest_old = {f"litemedsam_decoder_{i:016d}_torch0.onnx" for i in range(4, KEEP_DECODER_GRAPHS + 3)}
-    assert {p.name for p in graphs} - {bb._ort_decoders[-1].path.name} == newest_old
-    assert keep.exists()
+    decoders = {p.name for p in tmp_path.glob("*_decoder_*.onnx")}
+    encoders = {p.name for p in _encoder_graphs(tmp_path)}
+    assert len(decoders) == KEEP_DECODER_GRAPHS and len(encoders) == KEEP_ENCODER_GRAPHS
+    # the new graphs and the most recently used old ones stay
+    assert decoders - {bb._ort_decoders[-1].path.name} == {
+        f"litemedsam_decoder_{i:016d}_torch0.onnx" for i in range(4, KEEP_DECODER_GRAPHS + 3)}
+    assert encoders - {bb._ort.path.name} == {
+        f"litemedsam_{i:012d}_256_torch0.onnx" for i in range(3, KEEP_ENCODER_GRAPHS + 2)}
+    assert (tmp_path / "notes.txt").exists()

@@ -269,8 +269,12 @@ class OrtEncoder:
     def build(cls, backbone: Backbone, cache_dir: Path) -> OrtEncoder:
         size = backbone.input_size
         path = cache_dir / f"{backbone.name}_{backbone.weights_id}_{size}_torch{torch.__version__}.onnx"
+        if path.is_file():
+            os.utime(path)  # recently used: pruning keeps it
         session, fresh = _exported_session(path, backbone.image_encoder, (torch.zeros(1, 3, size, size),),
                                            input_names=["x"], output_names=["embedding"])
+        if fresh:
+            _prune_graphs(cache_dir, keep=path, decoders=False)
         enc = cls(session, backbone.image_encoder, size, path)
         if fresh:
             x = torch.rand(enc.shape, generator=torch.Generator().manual_seed(0))
@@ -297,7 +301,8 @@ class OrtEncoder:
 
 
 KEEP_DECODER_SESSIONS = 3  # the base decoder, the served adapter's and one more (a candidate being validated)
-KEEP_DECODER_GRAPHS = 8  # decoder graphs on disk (16 MB each for LiteMedSAM); the least recently used go
+KEEP_DECODER_GRAPHS = 8  # decoder graphs on disk (21 MB each for LiteMedSAM); the least recently used go
+KEEP_ENCODER_GRAPHS = 3  # encoder graphs (28 MB each): one per checkpoint file, so per install (venv) too
 
 
 class _DecoderGraph(nn.Module):
@@ -348,7 +353,7 @@ class OrtDecoder:
                                            dynamic_axes={"embedding": {0: "b"}, "sparse": {0: "n", 1: "t"},
                                                          "dense": {0: "n"}, "logits": {0: "n"}, "iou": {0: "n"}})
         if fresh:
-            _prune_decoder_graphs(cache_dir, keep=path)
+            _prune_graphs(cache_dir, keep=path, decoders=True)
         dec = cls(session, decoder, backbone.prompt_encoder, path)
         if fresh:
             g = torch.Generator().manual_seed(0)
@@ -419,11 +424,12 @@ def _exported_session(path: Path, module: nn.Module, example: tuple, **names) ->
         raise
 
 
-def _prune_decoder_graphs(cache_dir: Path, keep: Path) -> None:
-    """Keep the KEEP_DECODER_GRAPHS most recently used decoder graphs: each retrained adapter adds one."""
-    graphs = sorted((p for p in cache_dir.glob("*_decoder_*.onnx") if p != keep),
-                    key=lambda p: p.stat().st_mtime_ns, reverse=True)
-    for old in graphs[KEEP_DECODER_GRAPHS - 1:]:
+def _prune_graphs(cache_dir: Path, keep: Path, decoders: bool) -> None:
+    """Keep the KEEP_DECODER_GRAPHS (``decoders``) or KEEP_ENCODER_GRAPHS most recently used graphs of that kind:
+    each retrained adapter adds a decoder graph, each new install of the weights an encoder graph."""
+    graphs = [p for p in cache_dir.glob("*.onnx") if p != keep and ("_decoder_" in p.name) == decoders]
+    graphs.sort(key=lambda p: p.stat().st_mtime_ns, reverse=True)
+    for old in graphs[(KEEP_DECODER_GRAPHS if decoders else KEEP_ENCODER_GRAPHS) - 1:]:
         old.unlink(missing_ok=True)
 
 
