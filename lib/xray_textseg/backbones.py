@@ -269,12 +269,8 @@ class OrtEncoder:
     def build(cls, backbone: Backbone, cache_dir: Path) -> OrtEncoder:
         size = backbone.input_size
         path = cache_dir / f"{backbone.name}_{backbone.weights_id}_{size}_torch{torch.__version__}.onnx"
-        if path.is_file():
-            os.utime(path)  # recently used: pruning keeps it
         session, fresh = _exported_session(path, backbone.image_encoder, (torch.zeros(1, 3, size, size),),
                                            input_names=["x"], output_names=["embedding"])
-        if fresh:
-            _prune_graphs(cache_dir, keep=path, decoders=False)
         enc = cls(session, backbone.image_encoder, size, path)
         if fresh:
             x = torch.rand(enc.shape, generator=torch.Generator().manual_seed(0))
@@ -345,15 +341,11 @@ class OrtDecoder:
         path = cache_dir / f"{backbone.name}_decoder_{digest.hexdigest()[:16]}_torch{torch.__version__}.onnx"
         graph = _DecoderGraph(copy.deepcopy(decoder).to("cpu").eval(), pe)
         e = pe.shape[-1]
-        if path.is_file():
-            os.utime(path)  # recently used: pruning keeps it
         example = (torch.zeros(1, 256, e, e), torch.zeros(1, 2, 256), torch.zeros(1, 256, e, e))
         session, fresh = _exported_session(path, graph, example, input_names=["embedding", "sparse", "dense"],
                                            output_names=["logits", "iou"],
                                            dynamic_axes={"embedding": {0: "b"}, "sparse": {0: "n", 1: "t"},
                                                          "dense": {0: "n"}, "logits": {0: "n"}, "iou": {0: "n"}})
-        if fresh:
-            _prune_graphs(cache_dir, keep=path, decoders=True)
         dec = cls(session, decoder, backbone.prompt_encoder, path)
         if fresh:
             g = torch.Generator().manual_seed(0)
@@ -398,12 +390,15 @@ class OrtDecoder:
 
 def _exported_session(path: Path, module: nn.Module, example: tuple, **names) -> tuple[object, bool]:
     """An ONNX Runtime CPU session for ``module``'s graph at ``path``, exported first (once, atomically: a crash
-    leaves no half-written graph) when it is not there. Returns (session, whether it was exported just now); an
-    unreadable graph is removed, so the next call exports it again."""
+    leaves no half-written graph) when it is not there, and then the least recently used graphs of its kind
+    pruned; a graph reused is touched, so pruning keeps it. Returns (session, whether it was exported just now);
+    an unreadable graph is removed, so the next call exports it again."""
     import onnxruntime as ort
 
     fresh = not path.is_file()
-    if fresh:
+    if not fresh:
+        os.utime(path)
+    else:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         try:
@@ -413,6 +408,7 @@ def _exported_session(path: Path, module: nn.Module, example: tuple, **names) ->
             os.replace(tmp, path)
         finally:
             tmp.unlink(missing_ok=True)
+        _prune_graphs(path)
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = torch.get_num_threads()
     opts.inter_op_num_threads = 1
@@ -424,10 +420,11 @@ def _exported_session(path: Path, module: nn.Module, example: tuple, **names) ->
         raise
 
 
-def _prune_graphs(cache_dir: Path, keep: Path, decoders: bool) -> None:
-    """Keep the KEEP_DECODER_GRAPHS (``decoders``) or KEEP_ENCODER_GRAPHS most recently used graphs of that kind:
-    each retrained adapter adds a decoder graph, each new install of the weights an encoder graph."""
-    graphs = [p for p in cache_dir.glob("*.onnx") if p != keep and ("_decoder_" in p.name) == decoders]
+def _prune_graphs(keep: Path) -> None:
+    """Keep the KEEP_DECODER_GRAPHS or KEEP_ENCODER_GRAPHS most recently used graphs of ``keep``'s kind (``keep``
+    among them): each retrained adapter adds a decoder graph, each new install of the weights an encoder graph."""
+    decoders = "_decoder_" in keep.name
+    graphs = [p for p in keep.parent.glob("*.onnx") if p != keep and ("_decoder_" in p.name) == decoders]
     graphs.sort(key=lambda p: p.stat().st_mtime_ns, reverse=True)
     for old in graphs[(KEEP_DECODER_GRAPHS if decoders else KEEP_ENCODER_GRAPHS) - 1:]:
         old.unlink(missing_ok=True)
