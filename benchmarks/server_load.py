@@ -8,7 +8,11 @@ Measures, on 127.0.0.1:
 * start-up time and server RSS (the server process and its children) idle, under load and at the end;
 * ``cold``: a study not requested before (read, encode, decode, NIfTI answer), p50/p95;
 * ``warm, repeated prompt``: the same study and prompt again (every embedding cached);
-* ``warm, new prompt``: another structure on a study whose whole film is encoded;
+* ``warm, new prompt``: another structure on a study whose whole film is encoded, a clinician's few seconds
+  later (the look-ahead has segmented the film's other labels; ``--conf look_ahead=false`` to compare);
+* ``second prompt at once``: another structure sent as soon as the first answer arrived, while the
+  look-ahead still runs; ``cold, previous film's look-ahead running``: a new study in that moment (what
+  the look-ahead costs a clinician who is faster than it);
 * N concurrent clients (closed loop, each sends its next request when the last one answered) on warm
   studies: requests/s, p50/p95 latency, error count;
 * the embedding cache shared by active learning and infer: ``/activelearning/uncertainty`` scores images
@@ -185,17 +189,44 @@ def main(argv=None) -> int:
             if "request" in lat:
                 server_side.setdefault(name, []).append(lat["request"])
 
+        look_ahead_s: list[float] = []
+        seen: list[dict] = [{}]
+
+        def wait_idle():
+            """Until the background warm-up (look-ahead, prefetch) is over: a clinician's reading time."""
+            deadline, state = time.time() + 300, {}
+            while time.time() < deadline:
+                state = client.get("/info/").json().get("prefetch") or {}
+                if state.get("status") != "running":
+                    break
+                time.sleep(0.1)
+            if state.get("reason") == "look-ahead" and state.get("seconds") is not None and state != seen[-1]:
+                look_ahead_s.append(state["seconds"])  # each finished look-ahead once
+            seen.append(state)
+
         # the very first request also pays one-off allocations of the process
         record("first request after start", *infer(client, ids[0], args.prompt))
-        cold_ids = ids[1: args.repeats + 1]
-        for image in cold_ids:
-            record("cold (new study)", *infer(client, image, args.prompt))
-        for _ in range(args.repeats):
-            record("warm, repeated prompt", *infer(client, cold_ids[0], args.prompt))
         others = [p for p in CHEST if p != args.prompt]
+        cold_ids = ids[1: args.repeats + 1]
+        for i, image in enumerate(cold_ids):
+            wait_idle()
+            record("cold (new study)", *infer(client, image, args.prompt))
+            record("second prompt at once (look-ahead running)", *infer(client, image, others[i % len(others)]))
+        for _ in range(args.repeats):
+            wait_idle()
+            record("warm, repeated prompt", *infer(client, cold_ids[0], args.prompt))
         for i in range(args.repeats):
-            record("warm, new prompt", *infer(client, cold_ids[i % len(cold_ids)], others[i // len(cold_ids)
-                                                                                          % len(others)]))
+            wait_idle()
+            record("warm, new prompt", *infer(client, cold_ids[i % len(cold_ids)],
+                                              others[(i + 1 + i // len(cold_ids)) % len(others)]))
+        # two new studies back to back: the second arrives while the first one's look-ahead runs
+        spare = ids[args.repeats + 4:]
+        for a, b in zip(spare[::2], spare[1::2]):
+            wait_idle()
+            infer(client, a, args.prompt)
+            record("cold, previous film's look-ahead running", *infer(client, b, args.prompt))
+        wait_idle()
+        result["look_ahead_s"] = look_ahead_s
         result["rss_after_sequential_mb"] = rss_mb(srv.proc.pid)
 
         # concurrent clients on warm studies (prompt already answered on them: all embeddings cached)

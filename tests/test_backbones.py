@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import pytest
 import torch
-from xray_textseg.backbones import BackboneError, build_backbone, resolve_device
+from xray_textseg.backbones import BackboneError, Interrupted, build_backbone, interruptible, resolve_device
 from xray_textseg.transforms import View
 
 
@@ -223,3 +225,24 @@ def test_graphs_on_disk_are_pruned(tmp_path):
     assert encoders - {bb._ort.path.name} == {
         f"litemedsam_{i:012d}_256_torch0.onnx" for i in range(3, KEEP_ENCODER_GRAPHS + 2)}
     assert (tmp_path / "notes.txt").exists()
+
+
+def test_an_interrupted_onnxruntime_run_raises_and_later_runs_are_unaffected(predictor):
+    """Background warm-up gives way to a request by ending its ONNX Runtime runs (Interrupted); runs outside the
+    interruptible block, and afterwards, are untouched."""
+    bb = predictor.backbone
+    assert bb._ort is not None and bb._ort_decoders, "the served CPU predictor runs ONNX Runtime"
+    x = View.full((300, 200), 256, stretch=False).model_input(np.random.default_rng(2).random((300, 200)))
+    emb, sparse, dense = _decode_inputs(bb, n=2)
+    with torch.inference_mode():
+        ref = bb.encode(x)
+        with interruptible() as handle:
+            threading.Timer(0.2, handle.interrupt).start()  # from another thread, as a request does
+            with pytest.raises(Interrupted):
+                for _ in range(100):
+                    bb.encode(x)
+            with pytest.raises(Interrupted):  # every later run of the block too
+                bb.decode(emb, sparse, dense)
+        assert torch.equal(bb.encode(x), ref)
+        with interruptible():
+            assert torch.equal(bb.encode(x), ref)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import threading
+import time
+
 import numpy as np
 import pytest
 from conftest import SAMPLE, real_dir
@@ -44,6 +47,31 @@ def test_second_prompt_reuses_the_embedding(fresh_predictor):
 
 
 
+def test_a_request_ends_the_warm_up_step_in_progress_and_the_step_runs_again(fresh_predictor):
+    """A request that arrives during a background warm-up step does not wait for the step's encode: the step is
+    ended (ONNX Runtime), the request is answered, and the step runs again after it with the same result."""
+    p = fresh_predictor
+    current = p.set_image(SAMPLE / "images" / "chest_000.png")
+    other = load_radiograph(SAMPLE / "images" / "chest_005.png")
+    before, done = p.interrupted_steps, {}
+    worker = threading.Thread(target=lambda: done.update(n=p.warm(other, ["heart", "left lung"])))
+    worker.start()
+    while p._background is None and worker.is_alive():  # a step holds the lock now
+        time.sleep(0.001)
+    assert p.set_image(current) is current  # as the server does: set the request's image, then predict
+    served = p.predict("right lung", refine=False)
+    worker.join(600)
+    assert done == {"n": 2} and p.interrupted_steps > before
+    assert served.mask("right_lung").any() and p._image is current  # the warm-up put chest_000 back
+    p.set_image(other)
+    warmed = p.predict("heart, left lung")
+    assert warmed.cache["result_hits"] == 2
+    p.results.clear()
+    again = p.predict("heart, left lung")
+    for label in ("heart", "left_lung"):
+        assert np.array_equal(again.mask(label), warmed.mask(label))
+
+
 def test_warm_fills_the_caches_without_changing_the_current_image(fresh_predictor):
     """The background warm-up (prefetch) encodes another film and segments the asked labels into the result
     cache; the film being served stays current, and a request for a warmed label decodes nothing."""
@@ -51,12 +79,14 @@ def test_warm_fills_the_caches_without_changing_the_current_image(fresh_predicto
     p.set_image(SAMPLE / "images" / "chest_000.png")
     served = p.predict("left lung", refine=False)
     other = load_radiograph(SAMPLE / "images" / "chest_003.png")
+    assert p.unsegmented(other, ["left lung", "heart"]) == ["left_lung", "heart"]
     assert p.warm(other, ["heart"]) == 1
     assert p.warm(other, ["heart"]) == 0  # already there
+    assert p.unsegmented(other, ["left lung", "heart"]) == ["left_lung"]
+    assert p.unsegmented(p._image, ["left lung"]) == ["left_lung"]  # chest_000: asked without refine only
     again = p.predict("left lung", refine=False)  # still chest_000
     assert again.cache["result_hits"] == 1 and np.array_equal(again.mask("left_lung"), served.mask("left_lung"))
-    p.set_image(other)
-    assert p.predict("heart").cache == {"hits": 0, "misses": 0, "result_hits": 1}
+    assert p.predict("heart", image=other).cache == {"hits": 0, "misses": 0, "result_hits": 1}  # other is current
     assert p.predict("right lung", refine=False).cache == {"hits": 1, "misses": 0, "result_hits": 0}  # film encoded
     assert p.warm(load_radiograph(SAMPLE / "images" / "chest_004.png"), ["heart"], should_stop=lambda: True) == 0
 

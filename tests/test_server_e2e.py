@@ -126,6 +126,31 @@ def test_box_refinement_and_bad_box(server):
     assert r.status_code == 400 and "exactly one" in r.text
 
 
+def test_look_ahead_segments_the_films_other_labels_after_a_prompt(server):
+    """After "heart" on a chest film the server segments the film's other chest labels in the background (not the
+    leg's); the clinician's next structure then comes from the result cache."""
+    def infer(prompt):
+        r = server.client.post("/infer/xray_textseg", params={"image": "chest_001", "output": "json"},
+                               data={"params": json.dumps({"prompt": prompt})})
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    infer("heart")
+    deadline = time.time() + 180
+    while True:
+        state = server.client.get("/info/").json()["prefetch"]
+        if state["reason"] == "look-ahead" and state["image"] == "chest_001" and state["status"] != "running":
+            break
+        assert time.time() < deadline, state
+        time.sleep(0.5)
+    assert state["status"] == "done", state
+    assert set(state["labels"]) <= {"left_lung", "right_lung", "left_clavicle", "right_clavicle"}, state
+    assert "left_clavicle" in state["labels"] and state["segmented"] == len(state["labels"]), state
+    answer = infer("left clavicle")
+    assert answer["cache"] == {"hits": 0, "misses": 0, "result_hits": 1}, answer
+    assert server.client.get("/info/").json()["prefetch"] == state  # nothing left to segment: no new warm-up
+
+
 def test_next_sample_is_warmed_with_the_labels_of_the_last_prompt(server):
     """Active learning's pick is encoded, and the last prompt's labels segmented, before the clinician asks."""
     def infer(image, prompt):
@@ -135,7 +160,9 @@ def test_next_sample_is_warmed_with_the_labels_of_the_last_prompt(server):
         return r.json()
 
     first = server.client.post("/activelearning/first", json={}).json()["id"]
-    infer("chest_001" if first != "chest_001" else "chest_000", "right clavicle")  # on another film
+    assert first.startswith("chest")
+    # a leg label: the chest film's look-ahead (chest labels) never segments it, so the warm-up's work is its own
+    infer("limb_000", "femur")
     assert server.client.post("/activelearning/first", json={}).json()["id"] == first
     deadline = time.time() + 180
     while True:
@@ -144,5 +171,6 @@ def test_next_sample_is_warmed_with_the_labels_of_the_last_prompt(server):
             break
         assert time.time() < deadline, state
         time.sleep(0.5)
-    assert state["status"] == "done" and state["labels"] == ["right_clavicle"] and state["segmented"] == 1, state
-    assert infer(first, "right clavicle")["cache"] == {"hits": 0, "misses": 0, "result_hits": 1}
+    assert state["status"] == "done" and state["labels"] == ["femur"] and state["segmented"] == 1, state
+    assert state["reason"] == "next sample", state
+    assert infer(first, "femur")["cache"] == {"hits": 0, "misses": 0, "result_hits": 1}

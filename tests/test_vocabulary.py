@@ -4,6 +4,7 @@ import pytest
 from xray_textseg.vocabulary import (
     CHEST_LABELS,
     UnknownLabelError,
+    companion_labels,
     label_phrases,
     parse_label,
     parse_prompt,
@@ -86,3 +87,14 @@ def test_phrases_parse_back_to_their_label():
     for label in ("left_lung", "right_clavicle", "heart", "femur"):
         for phrase in label_phrases(label):
             assert labels(phrase) == [label], phrase
+
+
+def test_companion_labels_are_the_rest_of_the_asked_region():
+    """What the server segments ahead after a prompt: the asked region's other labels, never the asked ones."""
+    assert companion_labels(["heart"]) == ["left_lung", "right_lung", "left_clavicle", "right_clavicle"]
+    assert companion_labels(["femur"]) == ["tibia"]
+    assert companion_labels(["femur", "tibia"]) == []
+    assert companion_labels(["left_lung", "tibia"]) == ["right_lung", "heart", "left_clavicle", "right_clavicle",
+                                                         "femur"]
+    assert companion_labels(["left_lung"], allowed=("left_lung", "right_lung", "femur")) == ["right_lung"]
+    assert companion_labels([]) == []

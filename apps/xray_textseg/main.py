@@ -46,7 +46,7 @@ class XrayTextSegApp(MONAILabelApp):
                                          labels=o.labels, refine=o.refine, cache_size=o.cache_size,
                                          text_encoder=o.text_encoder or None)
         self.store = AdapterStore(o.adapter_dir or os.path.join(app_dir, "model", "adapters"))
-        self.prefetcher = Prefetcher(self.predictor) if o.prefetch else None
+        self.prefetcher = Prefetcher(self.predictor) if o.prefetch or o.look_ahead else None
         self._autotrain_lock = threading.Lock()
         logger.info("adapter store %s, current adapter: %s", self.store.root, self.store.current() or "none")
         super().__init__(
@@ -72,11 +72,16 @@ class XrayTextSegApp(MONAILabelApp):
     def infer(self, request, datastore=None):
         sessions = self.sessions()
         check_infer_image(request, getattr(sessions, "store_path", None), datastore or self.datastore())
+        image = request.get("image")
+        if isinstance(image, str) and not os.path.exists(image):  # a datastore id: MONAI Label swaps in its path
+            request = {**request, "image_id": request["image"]}
         return super().infer(request, datastore)
 
     def init_infers(self):
         default_prompt = ", ".join(label.replace("_", " ") for label in self.predictor.labels[:1])
-        return {"xray_textseg": TextPromptSegmentation(self.predictor, default_prompt=default_prompt, store=self.store)}
+        return {"xray_textseg": TextPromptSegmentation(
+            self.predictor, default_prompt=default_prompt, store=self.store,
+            look_ahead=self.prefetcher if self.options.look_ahead else None)}
 
     def init_trainers(self):
         return {TRAIN_TASK: AdapterTrainer(self, self.store, self.predictor.labels, self.options.min_train_images)}
@@ -94,7 +99,7 @@ class XrayTextSegApp(MONAILabelApp):
         """Active learning's pick, then a background warm-up of that film while the viewer opens it (the labels
         of the last prompt are segmented ahead: ``lib/xray_textseg/prefetch.py``)."""
         res = super().next_sample(request)
-        if self.prefetcher is not None and res.get("path"):
+        if self.options.prefetch and res.get("path"):
             infer = self._infers.get("xray_textseg")
             self.prefetcher.submit(res["path"], getattr(infer, "last_labels", []), image_id=res.get("id"))
         return res

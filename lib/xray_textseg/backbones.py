@@ -14,10 +14,12 @@ nothing is downloaded).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import logging
 import os
+import threading
 import warnings
 from pathlib import Path
 
@@ -28,6 +30,57 @@ from .transforms import View
 
 BACKBONES = ("litemedsam", "medsam_vit_b", "sam_vit_b")
 logger = logging.getLogger(__name__)
+
+
+class Interrupted(RuntimeError):
+    """An ONNX Runtime run ended early through :meth:`Interruption.interrupt`: background work giving way."""
+
+
+class Interruption:
+    """Ends the ONNX Runtime encodes and decodes of the thread inside :func:`interruptible` from another thread,
+    within one graph node. PyTorch calls (CUDA, LoRA encoders, decoders being trained) run to their end."""
+
+    def __init__(self):
+        try:
+            import onnxruntime as ort
+        except ImportError:  # no ONNX Runtime, no sessions to end
+            ort = None
+        self.options = ort.RunOptions() if ort is not None else None
+        self.interrupted = False
+
+    def interrupt(self) -> None:
+        self.interrupted = True
+        if self.options is not None:
+            self.options.terminate = True
+
+
+_running = threading.local()
+
+
+@contextlib.contextmanager
+def interruptible():
+    """Within it, this thread's ONNX Runtime runs can be ended by the yielded :class:`Interruption` (from any
+    thread); they then raise :class:`Interrupted`, as does any run started after the interruption."""
+    handle = Interruption()
+    _running.handle = handle
+    try:
+        yield handle
+    finally:
+        _running.handle = None
+
+
+def _run(session, feed: dict):
+    handle = getattr(_running, "handle", None)
+    if handle is None:
+        return session.run(None, feed)
+    if handle.interrupted:
+        raise Interrupted("interrupted before the run")
+    try:
+        return session.run(None, feed, handle.options)
+    except Exception:
+        if handle.interrupted:
+            raise Interrupted("interrupted during the run") from None
+        raise
 
 
 class BackboneError(ValueError):
@@ -288,7 +341,7 @@ class OrtEncoder:
                 and not (torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in encoder.parameters()))))
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.from_numpy(self.session.run(None, {"x": x.detach().contiguous().numpy()})[0])
+        return torch.from_numpy(_run(self.session, {"x": x.detach().contiguous().numpy()})[0])
 
     def __deepcopy__(self, memo):  # a copied backbone shares the session and follows its copied encoder
         new = copy.copy(self)
@@ -377,7 +430,7 @@ class OrtDecoder:
                  dense: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         feed = {"embedding": embedding.detach().contiguous().numpy(), "sparse": sparse.detach().contiguous().numpy(),
                 "dense": dense.detach().contiguous().numpy()}
-        logits, iou = self.session.run(None, feed)
+        logits, iou = _run(self.session, feed)
         return torch.from_numpy(logits), torch.from_numpy(iou)
 
     def __deepcopy__(self, memo):  # a copied backbone shares the session and follows its copied modules

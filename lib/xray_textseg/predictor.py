@@ -21,6 +21,7 @@ decoder takes (embedding, prompt) pairs, segment_anything's ViT-B decoder one im
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from dataclasses import dataclass, field
@@ -28,7 +29,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .backbones import Backbone, encode_batch_size
+from .backbones import Backbone, Interrupted, encode_batch_size, interruptible
 from .cache import LRU, EmbeddingCache
 from .io import Radiograph, load_radiograph, radiograph_from_array
 from .priors import PriorBoxes
@@ -128,7 +129,9 @@ class Predictor:
         self._image: Radiograph | None = None
         self._hash = ""
         self._lock = threading.RLock()
-        self._pending = 0  # predict calls waiting for or holding the lock: background warm-up yields to them
+        self._pending = 0  # requests waiting for or holding the lock (_foreground): background warm-up yields to them
+        self._background = None  # the Interruption of the warm-up step in progress, if any
+        self.interrupted_steps = 0  # warm-up steps ended early by a request (and run again after it)
         self._pending_lock = threading.Lock()
 
     # --- state ------------------------------------------------------------------------------------
@@ -138,12 +141,10 @@ class Predictor:
 
     def set_image(self, image: Radiograph | np.ndarray | str) -> Radiograph:
         """Select the image to segment. Cheap: encoding happens lazily and is cached."""
-        if isinstance(image, np.ndarray):
-            image = radiograph_from_array(image)
-        elif not isinstance(image, Radiograph):
-            image = load_radiograph(image)
-        with self._lock:
-            self._image, self._hash = image, image.content_hash()
+        image = _as_radiograph(image)
+        h = image.content_hash()
+        with self._foreground():
+            self._image, self._hash = image, h
         return image
 
     def _cache_key(self, view: View) -> tuple:
@@ -193,7 +194,7 @@ class Predictor:
         dev = self.backbone.device
         decoder = decoder.to(dev).eval()
         self.backbone.prepare_onnxruntime_decoder(decoder)  # CPU decodes through ONNX Runtime when it is on
-        with self._lock:
+        with self._foreground():
             self.backbone.image_encoder = encoder.to(dev).eval()
             self.backbone.mask_decoder = decoder
             self.head = head.to(dev).eval()
@@ -212,7 +213,7 @@ class Predictor:
 
     def unload_adapter(self) -> None:
         """Back to the zero-shot path with the original weights."""
-        with self._lock:
+        with self._foreground():
             encoder, decoder, priors = self._base
             self.backbone.image_encoder, self.backbone.mask_decoder, self.priors = encoder, decoder, priors
             self.backbone.prepare_onnxruntime_decoder()  # normally still prepared: then a no-op
@@ -355,31 +356,48 @@ class Predictor:
             scores.append(float(iou[0]))
         return out, float(np.mean(scores))
 
-    def _result_key(self, label: str, box: np.ndarray | None, refine: bool) -> tuple:
-        """Everything a label's final mask depends on besides the label: image, weights, adapter (head, decoder,
-        priors), precision, user box and the pipeline's settings. The text tokens come from the label's
-        canonical phrase, so the user's wording is not part of it."""
-        return (self._hash, self.backbone.weights_id, self._generation, self.adapter_version, self.precision,
-                label, None if box is None else tuple(float(v) for v in box), bool(refine), self.crop_margin,
-                self.grow_for(label), self.anchor_for(label), self.max_tile_aspect, self.batch_fine)
+    def _result_key(self, label: str, box: np.ndarray | None, refine: bool, content_hash: str | None = None) -> tuple:
+        """Everything a label's final mask depends on besides the label: image (``content_hash``, default the
+        current one), weights, adapter (head, decoder, priors), precision, user box and the pipeline's settings.
+        The text tokens come from the label's canonical phrase, so the user's wording is not part of it."""
+        return (content_hash or self._hash, self.backbone.weights_id, self._generation, self.adapter_version,
+                self.precision, label, None if box is None else tuple(float(v) for v in box), bool(refine),
+                self.crop_margin, self.grow_for(label), self.anchor_for(label), self.max_tile_aspect, self.batch_fine)
 
     def predict(self, prompt: str | list[str], boxes: dict[str, list[float]] | None = None,
-                refine: bool | None = None) -> Prediction:
+                refine: bool | None = None, image: Radiograph | np.ndarray | str | None = None) -> Prediction:
         """Segment the labels named in ``prompt`` ("left lung, heart" or a list of label names).
 
         ``boxes`` optionally gives a user box per label (image pixels) that replaces the prior box. Labels
         segmented before on this image with the same weights, box and settings come from the result cache
-        (``result_cache`` entries); only the others are decoded, together.
+        (``result_cache`` entries); only the others are decoded, together. ``image``: set it first, under the
+        same lock (a server whose requests run concurrently cannot segment one request's prompt on another's
+        image); default: the image of :meth:`set_image`.
         """
-        if self._image is None:
-            raise RuntimeError("call set_image before predict")
         parsed = _as_parsed(prompt, self.labels)
         refine = self.refine if refine is None else refine
+        if image is not None:
+            image = _as_radiograph(image)
+            h = image.content_hash()
+        with self._foreground():
+            if image is not None:
+                self._image, self._hash = image, h
+            if self._image is None:
+                raise RuntimeError("call set_image before predict")
+            return self._predict_locked(parsed, boxes, refine)
+
+    @contextlib.contextmanager
+    def _foreground(self):
+        """The lock, for a request that must not wait behind background warm-up: while it waits or holds the
+        lock the warm-up does not start a step, and the step in progress is ended (its encode interrupted)."""
         with self._pending_lock:
             self._pending += 1
+            background = self._background
+        if background is not None:
+            background.interrupt()
         try:
             with self._lock:
-                return self._predict_locked(parsed, boxes, refine)
+                yield
         finally:
             with self._pending_lock:
                 self._pending -= 1
@@ -408,28 +426,65 @@ class Predictor:
              should_stop=lambda: False) -> int:
         """Fill the caches for ``image`` without changing the current image: its whole-film embedding, then the
         final masks of ``labels`` one label at a time (so a user's prompt for them is answered from the result
-        cache). For a background thread: between steps it waits while a :meth:`predict` call is pending and it
-        ends early when ``should_stop()``. Returns the number of labels segmented."""
+        cache). For a background thread: between steps it waits while a :meth:`predict` call is pending, a
+        :meth:`predict` call ends the step in progress (its ONNX Runtime runs raise :class:`Interrupted`; the step
+        runs again afterwards), and it ends early when ``should_stop()``. Returns the number of labels segmented."""
         h = image.content_hash()
         steps: list[str | None] = [None, *[p.label for p in _as_parsed(list(labels), self.labels)]]
         computed = 0
-        for label in steps:
+        while steps:
             while self._pending and not should_stop():
                 time.sleep(0.05)
             if should_stop():
                 break
-            with self._lock:
-                saved = (self._image, self._hash)
-                self._image, self._hash = image, h
-                try:
+            label = steps[0]
+            try:
+                with self._on(image, h), self._background_step():
                     if label is None:
                         self.embedding(self.coarse_view())
                     elif self._result_key(label, None, self.refine) not in self.results:
                         self._predict_locked(_as_parsed([label], self.labels), None, self.refine)
                         computed += 1
-                finally:
-                    self._image, self._hash = saved
+            except Interrupted:  # a request came in: it goes first, then this step runs again
+                self.interrupted_steps += 1
+                continue
+            steps.pop(0)
         return computed
+
+    @contextlib.contextmanager
+    def _background_step(self):
+        """A warm-up step that a :meth:`predict` call ends early (its ONNX Runtime encodes and decodes raise
+        :class:`Interrupted`); one already waiting ends it before it starts."""
+        with interruptible() as handle:
+            with self._pending_lock:
+                self._background = handle
+                if self._pending:
+                    handle.interrupt()
+            try:
+                yield
+            finally:
+                with self._pending_lock:
+                    self._background = None
+
+    @contextlib.contextmanager
+    def _on(self, image: Radiograph, content_hash: str):
+        """Holding the lock, work on ``image`` and then put the current image back."""
+        with self._lock:
+            saved = (self._image, self._hash)
+            self._image, self._hash = image, content_hash
+            try:
+                yield
+            finally:
+                self._image, self._hash = saved
+
+    def unsegmented(self, image: Radiograph, labels: list[str] | tuple[str, ...]) -> list[str]:
+        """The labels among ``labels`` whose text-prompt mask on ``image`` (no user box, current weights and
+        settings) is not in the result cache: what a :meth:`warm` of them would compute."""
+        # without the lock, which a warm-up step may hold for a second: the answer is a guess that warm() checks
+        current, h = self._image, self._hash
+        h = h if image is current else image.content_hash()
+        return [p.label for p in _as_parsed(list(labels), self.labels)
+                if self._result_key(p.label, None, self.refine, h) not in self.results]
 
     def _segment(self, parsed: list[ParsedLabel], boxes: dict[str, list[float]] | None,
                  refine: bool) -> tuple[list[LabelResult], dict[str, float]]:
@@ -557,6 +612,12 @@ def tile_boxes(box, max_aspect: float = 2.0, overlap: float = 0.25, split_above:
         b = min(a + step, y1 if vertical else x1)
         tiles.append(np.array([x0, a, x1, b] if vertical else [a, y0, b, y1], dtype=np.float32))
     return tiles
+
+
+def _as_radiograph(image: Radiograph | np.ndarray | str) -> Radiograph:
+    if isinstance(image, np.ndarray):
+        return radiograph_from_array(image)
+    return image if isinstance(image, Radiograph) else load_radiograph(image)
 
 
 def _as_parsed(prompt: str | list[str], allowed: tuple[str, ...]) -> list[ParsedLabel]:

@@ -183,6 +183,16 @@ def resolve_label_set(spec: str) -> tuple[str, ...]:
     return tuple(labels)
 
 
+def companion_labels(asked, allowed: tuple[str, ...] = ALL_LABELS) -> list[str]:
+    """The labels a clinician may ask for next on the same film: the others of the asked labels' regions (chest,
+    lower limb) among ``allowed``, in vocabulary order. What the server segments ahead after a prompt."""
+    out: list[str] = []
+    for region in (CHEST_LABELS, LOWER_LIMB_LABELS):
+        if any(a in region for a in asked):
+            out += [label for label in region if label in allowed and label not in asked]
+    return out
+
+
 def label_phrases(label: str) -> list[str]:
     """Natural phrases for a canonical label: used as text-encoder inputs and for training augmentation."""
     side, _, stem = label.partition("_") if label.count("_") == 1 and label.split("_")[0] in ("left", "right") \

@@ -17,7 +17,7 @@ from fastapi import HTTPException
 from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 from xray_textseg.io import ImageReadError, load_radiograph, save_mask
 from xray_textseg.predictor import Predictor
-from xray_textseg.vocabulary import ALL_LABELS, UnknownLabelError, parse_prompt
+from xray_textseg.vocabulary import ALL_LABELS, UnknownLabelError, companion_labels, parse_prompt
 
 logger = logging.getLogger(__name__)
 
@@ -26,7 +26,9 @@ LABEL_VALUES = {name: i + 1 for i, name in enumerate(ALL_LABELS)}
 
 
 class TextPromptSegmentation(InferTask):
-    def __init__(self, predictor: Predictor, default_prompt: str, store=None):
+    def __init__(self, predictor: Predictor, default_prompt: str, store=None, look_ahead=None):
+        """``look_ahead``: a :class:`~xray_textseg.prefetch.Prefetcher` that segments the film's other labels of
+        the prompt's region after each answer (None: off)."""
         labels = {name: LABEL_VALUES[name] for name in predictor.labels}
         super().__init__(
             type=InferType.SEGMENTATION,
@@ -40,6 +42,7 @@ class TextPromptSegmentation(InferTask):
         self._synced: tuple | None = None  # the current.json state last synced
         self._broken: set[str] = set()  # versions that failed to load
         self.last_labels: list[str] = []  # the labels of the last prompt: what a prefetch segments ahead
+        self.look_ahead = look_ahead
         self.sync_adapter()
 
     def sync_adapter(self) -> None:
@@ -138,8 +141,7 @@ class TextPromptSegmentation(InferTask):
             shown = "uploaded file" if upload else os.path.basename(path)
             raise HTTPException(status_code=422, detail=str(exc).replace(path, shown)) from exc
         self.sync_adapter()
-        self.predictor.set_image(image)
-        prediction = self.predictor.predict(prompt, boxes=boxes)
+        prediction = self.predictor.predict(prompt, boxes=boxes, image=image)
         self.last_labels = [p.label for p in labels]
 
         label_map = prediction.label_map_with_values(LABEL_VALUES)
@@ -161,4 +163,9 @@ class TextPromptSegmentation(InferTask):
         }
         logger.info("infer %s prompt=%r -> %s (%s, %.0f ms)", os.path.basename(path), prompt,
                     list(params["label_names"]), prediction.mode, 1e3 * (time.perf_counter() - t0))
+        if self.look_ahead is not None:  # the clinician reads this mask; segment what they may ask next
+            ahead = self.predictor.unsegmented(image, companion_labels(self.last_labels, self.predictor.labels))
+            if ahead:
+                self.look_ahead.submit(image, ahead, image_id=request.get("image_id") or os.path.basename(path),
+                                      reason="look-ahead")
         return out, params

@@ -15,6 +15,7 @@ class AppOptions:
     refine: bool = True  # coarse-to-fine crop pass (more accurate, one extra encode per label)
     cache_size: int = 32  # image embeddings kept in memory (about 4 MB each)
     prefetch: bool = True  # warm the image active learning proposes (film + the labels of the last prompt)
+    look_ahead: bool = True  # after a prompt, segment the film's other labels of that region in the background
     adapter_dir: str = ""  # adapter store; empty = <app>/model/adapters
     auto_train_after: int = 5  # retrain after this many newly saved final labels; 0 disables
     retrain_interval: str = ""  # e.g. 24h, 30m: retrain on a schedule when new labels arrived; empty = off

@@ -29,8 +29,7 @@ KEY = "xray_textseg_uncertainty"
 
 
 def image_uncertainty(predictor, path: str) -> float:
-    predictor.set_image(load_radiograph(path))
-    pred = predictor.predict(list(predictor.labels), refine=False)
+    pred = predictor.predict(list(predictor.labels), refine=False, image=load_radiograph(path))
     return float(1.0 - sum(r.score for r in pred.results) / max(1, len(pred.results)))
 
 
