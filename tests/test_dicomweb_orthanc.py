@@ -63,7 +63,7 @@ def pacs(tmp_path_factory):
 def server(pacs, tmp_path_factory):
     root = tmp_path_factory.mktemp("dicomweb_server")
     srv = Server(pacs.dicomweb, cwd=root,
-                 conf={"adapter_dir": str(root / "adapters"), "auto_train_after": "0"},
+                 conf={"adapter_dir": str(root / "adapters"), "auto_train_after": "0", "look_ahead": "false"},
                  env={"MONAI_LABEL_DICOMWEB_SEARCH_FILTER": json.dumps({"Modality": "DX,CR,DR"}),
                       "MONAI_LABEL_DICOMWEB_CACHE_PATH": str(root / "cache"),
                       "MONAI_LABEL_AUTO_UPDATE_SCORING": "false"})  # no background scoring of every film
