@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 bash scripts/install.sh
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONDONTWRITEBYTECODE=1
 set +e
-.venv/bin/python -m pytest -ra "$@"
+.venv/bin/python -m pytest -ra --durations=12 "$@"  # the slowest tests, to keep the suite under 20 minutes
 rc=$?
 set -e
 # pytest exits 5 when no test was collected (e.g. a -k filter matched nothing): not a failure here
