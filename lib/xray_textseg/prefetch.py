@@ -5,7 +5,7 @@ Two moments use it:
   the viewer takes a few seconds to download and show it and the clinician a few more to type a prompt.
   The film is encoded and the labels the clinician asked for on the previous image are segmented.
 - **Look-ahead.** After a prompt on a film, the other labels of the same region (a chest film's lungs,
-  heart and clavicles; a leg's femur and tibia) are segmented, nearest first
+  heart and clavicles; a leg's femur and tibia) are segmented, in vocabulary order
   (:func:`~xray_textseg.vocabulary.companion_labels`). Each costs a crop encode (about 1 s on 2 CPU
   cores), so a second structure typed a few seconds later comes from the result cache.
 
