@@ -169,6 +169,18 @@ def test_relative_priors_place_each_clavicle_from_the_lung_on_its_side():
     assert PriorBoxes().relative_box("heart", [0, 0, 10, 10], (64, 64)) is None
 
 
+def test_tibia_box_is_placed_below_the_femur():
+    """The tibia's relative prior hangs from the femur's box: placed from each limb film's femur it lands on that
+    film's tibia, below the femur."""
+    items = load_folder(SAMPLE, ("femur", "tibia"), names=[f"limb_{i:03d}" for i in range(4)])
+    priors = fit_priors(items, ("femur", "tibia"))
+    assert priors.relative["tibia"][0] == "femur" and "femur" not in priors.relative
+    for it in items:
+        truth, femur = mask_box(it.masks["tibia"]), mask_box(it.masks["femur"])
+        placed = priors.relative_box("tibia", femur, it.image.shape)
+        assert _iou(placed, truth) > 0.5 and (placed[1] + placed[3]) / 2 > femur[3]
+
+
 def _iou(a, b) -> float:
     ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
     iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))

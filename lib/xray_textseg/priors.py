@@ -31,9 +31,11 @@ DEFAULT_PRIORS: dict[str, tuple[float, float, float, float]] = {
 }
 
 
-# Structures whose box is better predicted from a neighbour the model segments reliably than from the film frame:
-# a clavicle crosses the apex of the lung on the same side, wherever the patient's shoulders are on the film.
-ANCHORS: dict[str, str] = {"right_clavicle": "right_lung", "left_clavicle": "left_lung"}
+# Structures whose box may be better predicted from a neighbour the model segments reliably than from the film frame:
+# a clavicle crosses the apex of the lung on the same side, wherever the patient's shoulders are on the film; the
+# tibia starts where the femur ends, wherever the knee is. Each adapter decides per label on its validation films
+# (serving.coarse_prompt), so an anchor that does not help is not used.
+ANCHORS: dict[str, str] = {"right_clavicle": "right_lung", "left_clavicle": "left_lung", "tibia": "femur"}
 
 
 @dataclass
