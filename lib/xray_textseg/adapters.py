@@ -7,7 +7,8 @@ An *adapter* is what training produces, one directory:
     head.safetensors                                  text -> sparse-prompt projection head
     decoder.safetensors                               mask decoder weights (float16)
     priors.json                                       prior boxes fitted on the training labels (and
-                                                      relative to an anchor: clavicle from lung)
+                                                      relative to an anchor: clavicle from lung,
+                                                      tibia from femur)
     metadata.json                                     backbone, text encoder, labels, training-set image
                                                       hashes, validation Dice per label, timestamp, mode,
                                                       serving settings chosen on validation (coarse_grow,
