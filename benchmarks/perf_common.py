@@ -27,12 +27,33 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
+def cpu_generation() -> dict:
+    """CPU family / model numbers and the vector units that matter for the encoder. A virtual machine's
+    "model name" can hide the host generation: two "AMD EPYC" hosts measured 2.4x apart here (see
+    docs/performance.md)."""
+    fields = {}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            key = key.strip()
+            if key in ("cpu family", "model", "flags") and key not in fields:
+                fields[key] = value.strip()
+            if len(fields) == 3:
+                break
+    except OSError:
+        return {}
+    flags = set(fields.get("flags", "").split())
+    return {"cpu_family": fields.get("cpu family"), "cpu_model_number": fields.get("model"),
+            "cpu_flags": sorted(f for f in flags if f in ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16"))}
+
+
 def machine_info(device=None) -> dict:
     """CPU model, cores, load average (other jobs on the machine inflate CPU timings), torch, GPU."""
     import torch
 
     info = {
         "cpu": cpu_model(),
+        **cpu_generation(),
         "cpu_count": os.cpu_count(),
         "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
