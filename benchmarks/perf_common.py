@@ -17,34 +17,34 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "lib"))
 
 
-def cpu_model() -> str:
+def _cpuinfo() -> dict[str, str]:
+    """The first processor's fields of /proc/cpuinfo (empty where there is none)."""
+    fields: dict[str, str] = {}
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+            if not line.strip():
+                break
+            key, _, value = line.partition(":")
+            fields.setdefault(key.strip(), value.strip())
     except OSError:
         pass
-    return platform.processor() or "unknown"
+    return fields
+
+
+def cpu_model() -> str:
+    return _cpuinfo().get("model name") or platform.processor() or "unknown"
 
 
 def cpu_generation() -> dict:
     """CPU family / model numbers and the vector units that matter for the encoder. A virtual machine's
     "model name" can hide the host generation: two "AMD EPYC" hosts measured 2.4x apart here (see
     docs/performance.md)."""
-    fields = {}
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            key = key.strip()
-            if key in ("cpu family", "model", "flags") and key not in fields:
-                fields[key] = value.strip()
-            if len(fields) == 3:
-                break
-    except OSError:
+    fields = _cpuinfo()
+    if not fields:
         return {}
-    flags = set(fields.get("flags", "").split())
+    wanted = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16")
     return {"cpu_family": fields.get("cpu family"), "cpu_model_number": fields.get("model"),
-            "cpu_flags": sorted(f for f in flags if f in ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16"))}
+            "cpu_flags": sorted(set(fields.get("flags", "").split()) & set(wanted))}
 
 
 def machine_info(device=None) -> dict:
