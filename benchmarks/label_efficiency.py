@@ -59,6 +59,11 @@ def main(argv=None) -> int:
     ap.add_argument("--set", nargs="+", default=[], metavar="FIELD=VALUE",
                     help="other TrainConfig fields, e.g. --set fine_shift=0.25 (values parsed as JSON)")
     ap.add_argument("--test-limit", type=int, default=None, help="evaluate on at most N test images")
+    ap.add_argument("--test-after", type=int, default=None,
+                    help="test films: each seed's order after its first N (default: the largest --k), so a run of "
+                         "one k tests on the films a run of 5..30 does with --test-after 30")
+    ap.add_argument("--tag", default=None,
+                    help="record the adapters as method 'text+adapter@TAG' (e.g. lora), beside the default ones")
     ap.add_argument("--skip-baselines", action="store_true")
     ap.add_argument("--also-default-grow", action="store_true",
                     help="evaluate each adapter a second time with the predictor's default coarse-box growth instead "
@@ -94,6 +99,7 @@ def main(argv=None) -> int:
         write_rows(rows, results)
 
     overrides = parse_overrides(args.set)
+    adapter_method = "text+adapter" + (f"@{args.tag}" if args.tag else "")
     device = resolve_device(args.device)
     backbone = build_backbone(device=device)
     enable_default_onnxruntime(backbone)  # as the server and the CLI do (XRAY_TEXTSEG_ONNXRUNTIME=0: PyTorch)
@@ -104,7 +110,7 @@ def main(argv=None) -> int:
         for seed in args.seeds:
             order = cases[:]
             random.Random(seed).shuffle(order)
-            kmax = max(args.k)
+            kmax = max(args.test_after or 0, *args.k)
             if kmax >= len(order):
                 raise SystemExit(f"k={kmax} leaves no test images in {data} ({len(order)} cases)")
             test = sorted(order[kmax:])[: args.test_limit or None]
@@ -121,7 +127,7 @@ def main(argv=None) -> int:
                           + " ".join(f"{lab}={s['dice_mean']:.3f}" for lab, s in rep["per_label"].items()), flush=True)
                     save()
             for k in args.k:
-                if done(data.name, seed, k, "text+adapter"):
+                if done(data.name, seed, k, adapter_method):
                     continue
                 train_names = order[:k]
                 items = load_folder(data, labels, names=train_names)
@@ -150,9 +156,9 @@ def main(argv=None) -> int:
                     train_s = time.perf_counter() - t0
                 predictor.load_adapter(adapter)
                 grows = dict(predictor.label_grow)
-                methods = ["text+adapter"] + (["text+adapter@default-grow"] if args.also_default_grow else [])
+                methods = [adapter_method] + (["text+adapter@default-grow"] if args.also_default_grow else [])
                 for method in methods:
-                    if method != "text+adapter":
+                    if method != adapter_method:
                         predictor.label_grow = {}
                     rep = evaluate_folder(predictor, data, mode="text", names=test, hd95=False, progress=True)
                     for lab, s in rep["per_label"].items():
@@ -162,7 +168,7 @@ def main(argv=None) -> int:
                                      "coarse_grow": predictor.grow_for(lab)})
                     print(f"{data.name} seed {seed} k={k} {method} ({meta['mode']}, {train_s:.0f} s): "
                           + " ".join(f"{lab}={s['dice_mean']:.3f}" for lab, s in rep["per_label"].items())
-                          + f"  growth {grows if method == 'text+adapter' else predictor.coarse_grow}", flush=True)
+                          + f"  growth {grows if method == adapter_method else predictor.coarse_grow}", flush=True)
                     save()
                 predictor.unload_adapter()
     return write_outputs(rows, out)

@@ -334,3 +334,74 @@ def test_time_budget_counts_encoding_and_ends_inside_an_epoch(setup, tmp_path):
     assert meta["training"]["stopped"] == "time budget" and meta["training"]["epochs_run"] == 1
     assert len(epochs) == 1 and epochs[0]["steps"] == 1  # of 2 (1 film x heart x coarse + fine, batch 1)
     assert set(meta["validation"]["dice"]) == {"heart"}
+
+
+def test_lora_mode_batches_a_films_coarse_examples_together_and_trains_the_encoder(setup):
+    """Encoder LoRA on the CPU: every example lands in exactly one batch, a film's coarse examples share a batch
+    and one encode, and the loss reaches the LoRA weights."""
+    import torch
+    from xray_textseg.train import Trainer
+
+    cfg = TrainConfig(mode="lora", batch_size=4, seed=0, device="cpu")
+    trainer = Trainer(setup["backbone"], setup["encoder"], LABELS, cfg)
+    assert trainer.mode == "lora" and trainer.encoder_peft is not None
+    items = setup["items"][:2]
+    rng = np.random.default_rng(0)
+    examples = trainer._examples(items, fit_priors(items, LABELS), rng, train=True)
+    assert len(examples) == 2 * len(LABELS) * 2  # films x labels x (coarse, fine)
+    batches = trainer._batches(examples, rng)
+    assert sorted(id(e) for b in batches for e in b) == sorted(id(e) for e in examples)
+    assert all(len(b) <= cfg.batch_size for b in batches)
+    for film in range(len(items)):
+        coarse = [i for i, b in enumerate(batches) for e in b if e.kind == "coarse" and e.item == film]
+        assert len(coarse) == len(LABELS) and len(set(coarse)) == 1
+    batch = next(b for b in batches if any(e.kind == "coarse" for e in b))
+    emb = trainer._encode_inputs(batch)
+    assert emb.shape[0] == len(batch)
+    shared = [i for i, e in enumerate(batch) if e.kind == "coarse"]
+    assert torch.equal(emb[shared[0]], emb[shared[1]])
+    emb.float().pow(2).mean().backward()
+    lora_b = [p for n, p in trainer.encoder_peft.named_parameters() if "lora_B" in n]
+    assert lora_b and all(p.grad is not None for p in lora_b) and any(p.grad.abs().sum() > 0 for p in lora_b)
+    assert setup["backbone"].image_encoder is not trainer.backbone.image_encoder  # the caller's encoder untouched
+
+
+def test_lora_adapter_trained_on_cpu_carries_the_encoder_and_round_trips(setup, tmp_path):
+    from xray_textseg.backbones import cpu_has_bf16
+
+    cfg = TrainConfig(mode="lora", epochs=1, batch_size=4, seed=0, device="cpu", val_fraction=0.5, warmup_steps=1)
+    log = tmp_path / "train.jsonl"
+    items = setup["items"][:2]
+    meta = train_adapter(items, tmp_path / "v0001", backbone=setup["backbone"], text_encoder=setup["encoder"],
+                         labels=("heart",), cfg=cfg, log_path=log)
+    rows = [json.loads(line) for line in log.read_text().splitlines()]
+    start = next(r for r in rows if r["event"] == "start")
+    assert start["mode"] == "lora" and start["bf16"] == cpu_has_bf16()  # bf16 only where the CPU has it
+    assert [r["mode"] for r in rows if r["event"] == "epoch"] == ["lora"]
+    assert meta["mode"] == "lora" and (tmp_path / "v0001" / "adapter_config.json").exists()
+    assert meta["size_bytes"] < 10 * 2**20
+    p = Predictor(setup["backbone"], labels=("heart",), text_encoder=setup["encoder"])
+    p.load_adapter(tmp_path / "v0001")
+    assert p.encoder_version == "v0001"
+    val_items = [it for it in items if it.name in meta["val_names"]]
+    assert validate(p, val_items, ("heart",))["dice"] == meta["validation"]["dice"]
+
+
+def test_lora_training_keeps_the_encoders_batchnorm_statistics(setup):
+    """LoRA trains attention weights only: the frozen encoder's BatchNorm running statistics must not follow
+    the training batches (they did when the encoder was put in train mode)."""
+    import torch
+    from xray_textseg.train import Trainer
+
+    cfg = TrainConfig(mode="lora", epochs=1, batch_size=4, seed=0, device="cpu", warmup_steps=1)
+    trainer = Trainer(setup["backbone"], setup["encoder"], ("heart",), cfg)
+    items = setup["items"][:2]
+    trainer.fit(items[:1], items[1:], fit_priors(items[:1], ("heart",)))
+
+    def stats(module):
+        return {n.split("base_model.model.")[-1]: b.clone() for n, b in module.named_buffers() if "running" in n}
+
+    before, after = stats(setup["backbone"].image_encoder), stats(trainer.backbone.image_encoder)
+    assert before and before.keys() == after.keys()
+    assert all(torch.equal(before[n], after[n]) for n in before)
+    assert not trainer.backbone.image_encoder.training

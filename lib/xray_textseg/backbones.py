@@ -503,6 +503,15 @@ def resolve_device(device: str | None = "auto") -> torch.device:
     return torch.device(device)
 
 
+def cpu_has_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (AVX-512 BF16 or AMX): there bf16 autocast is 3-5x faster than
+    fp32; elsewhere it is emulated and slower."""
+    try:
+        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    except AttributeError:  # private helpers of torch.cpu, present since torch 2.1
+        return False
+
+
 def encode_batch_size(device: torch.device) -> int:
     """Images per encoder call: 16 on CUDA; 1 on the CPU, where a LiteMedSAM encode measured 1.95 / 2.74 / 3.86 s
     per image at batch 1 / 2 / 4 on 2 cores (larger batches page-fault their activations in and out: system
