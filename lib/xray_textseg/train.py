@@ -13,7 +13,7 @@ Modes
 ``lora``   the image encoder gets peft LoRA adapters on its attention ``qkv``/``proj`` and is trained
            with the head and decoder; every step encodes augmented inputs (a film's coarse examples share
            one encode). Fast on a GPU; on a CPU with native bf16 (AVX-512 BF16, AMX) it runs in bf16 at
-           ~1 min per epoch of 8 chest films on 2 cores.
+           ~45 s per epoch of 8 chest films on 2 cores (Zen 5).
 ``cached`` the encoder stays frozen: every example is encoded once (``cached_variants`` augmented
            copies), then only the head and decoder train on the cached embeddings. The CPU mode:
            the encoder forward is ~90 % of the cost.
