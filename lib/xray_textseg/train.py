@@ -366,10 +366,7 @@ class Trainer:
     def _encode_all(self, examples: list[Example], what: str) -> None:
         t0 = time.perf_counter()
         bs = encode_batch_size(self.device)
-        groups: dict = {}
-        for n, e in enumerate(examples):  # one encode per distinct input
-            groups.setdefault(e.share if e.share is not None else ("own", n), []).append(e)
-        unique = list(groups.values())
+        unique = share_groups(examples)  # one encode per distinct input
         for k in range(0, len(unique), bs):
             chunk = unique[k:k + bs]
             x = torch.stack([g[0].x for g in chunk]).to(self.device)
@@ -411,18 +408,12 @@ class Trainer:
     def _encode_inputs(self, batch: list[Example]) -> torch.Tensor:
         """Embeddings (N, 256, 64, 64) of the batch's inputs through the (LoRA) encoder, with gradients: one
         encode per distinct input (a film's coarse examples share theirs), ``encode_batch_size`` at a time."""
-        slot: dict = {}
-        index, inputs = [], []
-        for n, e in enumerate(batch):
-            key = e.share if e.share is not None else ("own", n)
-            if key not in slot:
-                slot[key] = len(inputs)
-                inputs.append(e.x)
-            index.append(slot[key])
+        groups = share_groups(batch)
         bs = encode_batch_size(self.device)
-        emb = torch.cat([self.backbone.encode(torch.stack(inputs[k:k + bs]).to(self.device))
-                         for k in range(0, len(inputs), bs)])
-        return emb[torch.as_tensor(index, device=emb.device)]
+        emb = torch.cat([self.backbone.encode(torch.stack([g[0].x for g in groups[k:k + bs]]).to(self.device))
+                         for k in range(0, len(groups), bs)])
+        slot = {id(e): i for i, g in enumerate(groups) for e in g}
+        return emb[torch.as_tensor([slot[id(e)] for e in batch], device=emb.device)]
 
     def _batches(self, examples: list[Example], rng: np.random.Generator) -> list[list[Example]]:
         """Shuffled training batches of ``batch_size`` examples. With cached embeddings any order costs the same;
@@ -432,10 +423,7 @@ class Trainer:
         if examples and examples[0].emb is not None:
             order = rng.permutation(len(examples))
             return [[examples[i] for i in order[k:k + bs]] for k in range(0, len(order), bs)]
-        units: dict = {}
-        for n, e in enumerate(examples):
-            units.setdefault(e.share if e.share is not None else ("own", n), []).append(e)
-        groups = list(units.values())
+        groups = share_groups(examples)
         batches, current = [], []
         for i in rng.permutation(len(groups)):
             if current and len(current) + len(groups[i]) > bs:
@@ -601,6 +589,15 @@ class Trainer:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "a") as f:
             f.write(json.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%S"), **row}) + "\n")
+
+
+def share_groups(examples: list[Example]) -> list[list[Example]]:
+    """Examples grouped by input, in order of first appearance: a film's coarse examples share one
+    (``Example.share``), every other example has its own."""
+    groups: dict = {}
+    for n, e in enumerate(examples):
+        groups.setdefault(e.share if e.share is not None else ("own", n), []).append(e)
+    return list(groups.values())
 
 
 class _Stop(Exception):
