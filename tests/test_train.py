@@ -6,14 +6,15 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from conftest import SAMPLE
 from xray_textseg.adapters import AdapterError, AdapterStore, load_adapter
 from xray_textseg.backbones import build_backbone
 from xray_textseg.predictor import Predictor
 from xray_textseg.text import TextEncoder
 from xray_textseg.priors import PriorBoxes
-from xray_textseg.train import (TrainConfig, TrainingStopped, _shift_box, cached_variants_for, choose_coarse_grow,
-                                fit_priors, load_folder, retune_adapter, train_adapter, validate)
+from xray_textseg.train import (TrainConfig, Trainer, TrainingStopped, _shift_box, cached_variants_for,
+                                choose_coarse_grow, fit_priors, load_folder, retune_adapter, train_adapter, validate)
 from xray_textseg.transforms import mask_box
 
 LABELS = ("left_lung", "heart")
@@ -339,9 +340,6 @@ def test_time_budget_counts_encoding_and_ends_inside_an_epoch(setup, tmp_path):
 def test_lora_mode_batches_a_films_coarse_examples_together_and_trains_the_encoder(setup):
     """Encoder LoRA on the CPU: every example lands in exactly one batch, a film's coarse examples share a batch
     and one encode, and the loss reaches the LoRA weights."""
-    import torch
-    from xray_textseg.train import Trainer
-
     cfg = TrainConfig(mode="lora", batch_size=4, seed=0, device="cpu")
     trainer = Trainer(setup["backbone"], setup["encoder"], LABELS, cfg)
     assert trainer.mode == "lora" and trainer.encoder_peft is not None
@@ -390,9 +388,6 @@ def test_lora_adapter_trained_on_cpu_carries_the_encoder_and_round_trips(setup, 
 def test_lora_training_keeps_the_encoders_batchnorm_statistics(setup):
     """LoRA trains attention weights only: the frozen encoder's BatchNorm running statistics must not follow
     the training batches (they did when the encoder was put in train mode)."""
-    import torch
-    from xray_textseg.train import Trainer
-
     cfg = TrainConfig(mode="lora", epochs=1, batch_size=4, seed=0, device="cpu", warmup_steps=1)
     trainer = Trainer(setup["backbone"], setup["encoder"], ("heart",), cfg)
     items = setup["items"][:2]
