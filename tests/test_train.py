@@ -9,12 +9,13 @@ import pytest
 import torch
 from conftest import SAMPLE
 from xray_textseg.adapters import AdapterError, AdapterStore, load_adapter
-from xray_textseg.backbones import build_backbone
+from xray_textseg.backbones import build_backbone, cpu_has_bf16
 from xray_textseg.predictor import Predictor
 from xray_textseg.text import TextEncoder
 from xray_textseg.priors import PriorBoxes
-from xray_textseg.train import (TrainConfig, Trainer, TrainingStopped, _shift_box, cached_variants_for,
-                                choose_coarse_grow, fit_priors, load_folder, retune_adapter, train_adapter, validate)
+from xray_textseg.train import (TrainConfig, Trainer, TrainingStopped, _shift_box, auto_mode, cached_variants_for,
+                                choose_coarse_grow, fit_priors, load_folder, retune_adapter, schedule_horizon,
+                                train_adapter, validate)
 from xray_textseg.transforms import mask_box
 
 LABELS = ("left_lung", "heart")
@@ -303,6 +304,15 @@ def test_incompatible_or_partial_adapters_are_refused(setup, tmp_path):
     assert p.mode == "zero-shot"
 
 
+def test_auto_mode_trains_lora_where_the_encoder_is_fast_and_says_so(setup):
+    assert auto_mode(torch.device("cuda")) == "lora"
+    assert auto_mode(torch.device("cpu")) == ("lora" if cpu_has_bf16() else "cached")
+    backbone, encoder = setup["backbone"], setup["encoder"]
+    trainer = Trainer(backbone, encoder, LABELS, TrainConfig(device="cpu"))  # mode "auto" is the default
+    assert trainer.mode == auto_mode(torch.device("cpu"))
+    assert trainer.amp == (trainer.mode == "lora")  # bf16 only where LoRA was picked for it
+
+
 def test_auto_cached_copies_give_small_sets_more_augmented_copies():
     # about 100 encodes (a film and a crop per label, per copy); never 0 copies, never more than 4
     assert [cached_variants_for(n, 2) for n in (1, 8, 10, 16, 24, 200)] == [4, 4, 3, 2, 1, 1]  # femur, tibia
@@ -334,7 +344,16 @@ def test_time_budget_counts_encoding_and_ends_inside_an_epoch(setup, tmp_path):
     epochs = [r for r in map(json.loads, log.read_text().splitlines()) if r["event"] == "epoch"]
     assert meta["training"]["stopped"] == "time budget" and meta["training"]["epochs_run"] == 1
     assert len(epochs) == 1 and epochs[0]["steps"] == 1  # of 2 (1 film x heart x coarse + fine, batch 1)
+    assert epochs[0]["lr_horizon_steps"] == 2  # the schedule's 5 x 2 steps shrunk to what fit: the step done + 1
     assert set(meta["validation"]["dice"]) == {"heart"}
+
+
+def test_under_a_time_budget_the_learning_rate_schedule_ends_with_the_budget():
+    assert schedule_horizon(400, 0, 10.0, 60.0, 1.0) == 400  # no pace measured yet: the planned epochs
+    assert schedule_horizon(400, 10, 20.0, None, 2.0) == 400  # no budget
+    assert schedule_horizon(400, 10, 20.0, 60.0, 2.0) == 30  # 40 s left at 2 s per step: 20 more steps
+    assert schedule_horizon(400, 10, 20.0, 6000.0, 2.0) == 400  # the planned epochs fit in the budget
+    assert schedule_horizon(400, 10, 90.0, 60.0, 2.0) == 11  # over budget: never behind the steps done
 
 
 def test_lora_mode_batches_a_films_coarse_examples_together_and_trains_the_encoder(setup):

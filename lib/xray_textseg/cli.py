@@ -225,7 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="folder with images/ and labels/<label>/")
     p.add_argument("--out", required=True, help="new adapter directory (never overwritten)")
     p.add_argument("--mode", default="auto", choices=["auto", "lora", "cached"],
-                   help="lora: encoder LoRA (GPU); cached: frozen encoder, cached embeddings (CPU); auto picks")
+                   help="lora: encoder LoRA (GPU, bf16 CPUs); cached: frozen encoder, cached embeddings; auto picks")
     p.add_argument("--epochs", type=int, default=40)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--val-fraction", type=float, default=0.2)

@@ -22,7 +22,7 @@ class AppOptions:
     min_train_images: int = 2  # fewer labelled images than this: no training run
     train_epochs: int = 40  # upper bound; early stopping and the time budget usually end sooner
     train_time_budget_min: int = 12  # minutes (encoding included) before the best epoch is kept (0 = no limit)
-    train_mode: str = "auto"  # auto (lora on CUDA, cached on CPU) | lora (bf16 on CPUs that have it) | cached
+    train_mode: str = "auto"  # auto (lora on CUDA and bf16 CPUs, cached on other CPUs) | lora | cached
     train_cached_copies: int = 0  # cached mode: augmented copies encoded per film; 0 = auto (1-4, ~100 encodes)
 
     @property
