@@ -14,8 +14,8 @@ from xray_textseg.predictor import Predictor
 from xray_textseg.text import TextEncoder
 from xray_textseg.priors import PriorBoxes
 from xray_textseg.train import (TrainConfig, Trainer, TrainingStopped, _shift_box, auto_mode, cached_variants_for,
-                                choose_coarse_grow, fit_priors, load_folder, retune_adapter, schedule_horizon,
-                                train_adapter, validate)
+                                choose_coarse_grow, fit_priors, load_folder, retune_adapter, train_adapter,
+                                validate)
 from xray_textseg.transforms import mask_box
 
 LABELS = ("left_lung", "heart")
@@ -344,16 +344,7 @@ def test_time_budget_counts_encoding_and_ends_inside_an_epoch(setup, tmp_path):
     epochs = [r for r in map(json.loads, log.read_text().splitlines()) if r["event"] == "epoch"]
     assert meta["training"]["stopped"] == "time budget" and meta["training"]["epochs_run"] == 1
     assert len(epochs) == 1 and epochs[0]["steps"] == 1  # of 2 (1 film x heart x coarse + fine, batch 1)
-    assert epochs[0]["lr_horizon_steps"] == 2  # the schedule's 5 x 2 steps shrunk to what fit: the step done + 1
     assert set(meta["validation"]["dice"]) == {"heart"}
-
-
-def test_under_a_time_budget_the_learning_rate_schedule_ends_with_the_budget():
-    assert schedule_horizon(400, 0, 10.0, 60.0, 1.0) == 400  # no pace measured yet: the planned epochs
-    assert schedule_horizon(400, 10, 20.0, None, 2.0) == 400  # no budget
-    assert schedule_horizon(400, 10, 20.0, 60.0, 2.0) == 30  # 40 s left at 2 s per step: 20 more steps
-    assert schedule_horizon(400, 10, 20.0, 6000.0, 2.0) == 400  # the planned epochs fit in the budget
-    assert schedule_horizon(400, 10, 90.0, 60.0, 2.0) == 11  # over budget: never behind the steps done
 
 
 def test_lora_mode_batches_a_films_coarse_examples_together_and_trains_the_encoder(setup):
