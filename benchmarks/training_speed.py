@@ -7,9 +7,10 @@ labelled images, peak RSS and peak GPU memory, in one run.
 Each configuration (images x mode x batch size) trains in its own process, so its peak RSS is its own and
 nothing is shared between runs. Without ``--data`` the films are synthetic chest films written by our
 ``make_sample_data`` (``xray-textseg make-sample-data``) into a temporary folder when ``sample_data/`` has
-fewer than needed. Modes: ``cached`` (CPU default: encoder frozen, every example encoded once, then head +
-decoder train on the embeddings) and, on CUDA, ``lora`` (encoder LoRA, every step encodes; bf16 autocast)
-over the given batch sizes; the recommended batch size is the fastest per epoch that fitted in memory.
+fewer than needed. Modes: ``cached`` (encoder frozen, every example encoded once, then head + decoder train
+on the embeddings) and ``lora`` (encoder LoRA, every step encodes; bf16 autocast), both by default where ``auto``
+trains LoRA (CUDA, a CPU with native bf16), ``cached`` alone elsewhere; on CUDA LoRA runs over the given batch
+sizes, and the recommended batch size is the fastest per epoch that fitted in memory.
 
 Time to a finished adapter = setup (encoding in cached mode, the untrained-head validation) + epochs +
 the final validation through the serving path and the atomic save. ``--epochs`` keeps the run short; the
@@ -129,7 +130,8 @@ def main(argv=None) -> int:
     ap.add_argument("--labels", default="left_lung,right_lung,heart,left_clavicle,right_clavicle")
     ap.add_argument("--n", type=int, nargs="+", default=[10, 30], help="labelled images per run")
     ap.add_argument("--device", default="auto")
-    ap.add_argument("--modes", nargs="+", default=None, help="default: cached on CPU; lora and cached on CUDA")
+    ap.add_argument("--modes", nargs="+", default=None,
+                    help="default: lora and cached where auto picks lora (CUDA, bf16 CPUs); else cached")
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=None,
                     help="default: 8 (cached); lora on CUDA: 8 16 32")
     ap.add_argument("--epochs", type=int, default=5)
@@ -146,10 +148,11 @@ def main(argv=None) -> int:
 
     import torch
     from xray_textseg.backbones import resolve_device
+    from xray_textseg.train import auto_mode
 
     device = resolve_device(args.device)
     machine = machine_info(device)
-    modes = args.modes or (["lora", "cached"] if device.type == "cuda" else ["cached"])
+    modes = args.modes or (["lora", "cached"] if auto_mode(device) == "lora" else ["cached"])
     rows = []
     with tempfile.TemporaryDirectory(prefix="xray_textseg_train_speed_") as tmp:
         data, data_desc = prepare_data(args.data, max(args.n), Path(tmp))

@@ -14,8 +14,8 @@ from xray_textseg.predictor import Predictor
 from xray_textseg.text import TextEncoder
 from xray_textseg.priors import PriorBoxes
 from xray_textseg.train import (TrainConfig, Trainer, TrainingStopped, _shift_box, auto_mode, cached_variants_for,
-                                choose_coarse_grow, fit_priors, load_folder, retune_adapter, train_adapter,
-                                validate)
+                                choose_coarse_grow, fit_priors, load_folder, retune_adapter, share_groups,
+                                train_adapter, validate)
 from xray_textseg.transforms import mask_box
 
 LABELS = ("left_lung", "heart")
@@ -345,6 +345,38 @@ def test_time_budget_counts_encoding_and_ends_inside_an_epoch(setup, tmp_path):
     assert meta["training"]["stopped"] == "time budget" and meta["training"]["epochs_run"] == 1
     assert len(epochs) == 1 and epochs[0]["steps"] == 1  # of 2 (1 film x heart x coarse + fine, batch 1)
     assert set(meta["validation"]["dice"]) == {"heart"}
+
+
+def test_lora_on_the_cpu_runs_a_batch_input_by_input_with_the_same_gradients(setup):
+    """Each distinct input's forward and backward on its own (the encoder's saved activations are ~0.8 GB per
+    input): the loss and every trainable parameter's gradient equal those of the whole batch at once."""
+    from monai.losses import DiceCELoss
+
+    trainer = Trainer(setup["backbone"], setup["encoder"], LABELS,
+                      TrainConfig(mode="lora", batch_size=4, seed=0, device="cpu", amp=False))
+    items = setup["items"][:1]
+    examples = trainer._examples(items, fit_priors(items, LABELS), np.random.default_rng(0), train=True)
+    batch = trainer._batches(examples, np.random.default_rng(1))[0]
+    pieces = trainer._pieces(batch)
+    assert len(batch) == 4 and [len(p) for p in pieces] == [len(g) for g in share_groups(batch)]
+    assert sorted(map(len, pieces)) == [1, 1, 2]  # the film's two coarse examples share their input
+    trainer.head.eval()  # no dropout anywhere; eval keeps it that way
+    trainer.backbone.eval()
+    params = [p for p in (*trainer.head.parameters(), *trainer.backbone.parameters()) if p.requires_grad]
+    assert any(p.requires_grad for p in trainer.encoder_peft.parameters())
+
+    def run(pieces):
+        for p in params:
+            p.grad = None
+        loss = trainer._backward(batch, np.random.default_rng(2), DiceCELoss(sigmoid=True), pieces=pieces)
+        return loss, [torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in params]
+
+    whole, whole_grads = run([batch])
+    split, split_grads = run(None)
+    assert split == pytest.approx(whole, rel=1e-5)
+    assert any(g.abs().sum() > 0 for g in whole_grads)
+    for a, b in zip(whole_grads, split_grads):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
 
 
 def test_lora_mode_batches_a_films_coarse_examples_together_and_trains_the_encoder(setup):
