@@ -439,7 +439,7 @@ class Trainer:
         for the backward pass, ~0.8 GB per 256 px input in bf16 on the CPU: a batch of 8 inputs peaked at
         8.5 GB RSS (30 JSRT films); one at a time 3.7 GB, and epochs ~10 % faster. The CPU encodes one input
         per call anyway (``encode_batch_size``); on CUDA the batch stays whole."""
-        if self.mode != "lora" or self.device.type == "cuda" or batch[0].emb is not None:
+        if self.mode != "lora" or self.device.type == "cuda":
             return [batch]
         return share_groups(batch)
 
