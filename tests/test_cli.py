@@ -67,3 +67,26 @@ def test_info_lists_backbone_text_encoder_labels():
     assert info["text_encoder"]["dim"] == 384
     assert info["labels"] == ["left_lung", "right_lung", "heart", "left_clavicle", "right_clavicle"]
     assert info["mode"] == "zero-shot"
+
+
+def test_train_writes_an_adapter_with_the_chosen_coarse_prior_and_never_overwrites(tmp_path):
+    """``xray-textseg train`` on sample films: a validated adapter directory, its summary on stdout, the prior kind
+    per label as asked (``--coarse-prior``, default median; auto takes the envelope for the scattered clavicles only); the same
+    --out again exits 2 and leaves the adapter as it was; an unknown --coarse-prior is a usage error."""
+    out = tmp_path / "adapter"
+    cases = "chest_000,chest_001,chest_002,chest_003"
+    r = run_cli("train", "--data", str(SAMPLE), "--out", str(out), "--labels", "heart,left_clavicle", "--cases", cases,
+                "--mode", "cached", "--epochs", "1", "--val-fraction", "0.25", "--coarse-prior", "auto", "--device", "cpu")
+    assert r.returncode == 0, r.stderr
+    summary = json.loads(r.stdout[r.stdout.index("{"):])
+    assert summary["coarse_prior"] == {"heart": "median", "left_clavicle": "envelope"}
+    assert summary["train_images"] == 3 and summary["val_images"] == 1 and summary["mode"] == "cached"
+    meta = json.loads((out / "metadata.json").read_text())
+    assert meta["training"]["config"]["coarse_prior"] == "auto" and set(meta["labels"]) == {"heart", "left_clavicle"}
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    again = run_cli("train", "--data", str(SAMPLE), "--out", str(out), "--labels", "heart", "--cases", cases,
+                    "--mode", "cached", "--epochs", "1", "--device", "cpu")
+    assert again.returncode == 2 and "exists" in again.stderr
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    bad = run_cli("train", "--data", str(SAMPLE), "--out", str(tmp_path / "b"), "--coarse-prior", "mean")
+    assert bad.returncode == 2 and "--coarse-prior" in bad.stderr and not (tmp_path / "b").exists()

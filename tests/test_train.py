@@ -153,7 +153,7 @@ def test_relative_priors_place_each_clavicle_from_the_lung_on_its_side():
     it was fitted on, the lung's true box places each clavicle's box near the truth."""
     labels = ("right_clavicle", "left_clavicle", "right_lung", "left_lung")
     items = load_folder(SAMPLE, labels, names=CASES)
-    priors = fit_priors(items, labels)
+    priors = fit_priors(items, labels, "median")
     assert {k: a for k, (a, _) in priors.relative.items()} == {"right_clavicle": "right_lung",
                                                                 "left_clavicle": "left_lung"}
     for it in items:
@@ -167,8 +167,37 @@ def test_relative_priors_place_each_clavicle_from_the_lung_on_its_side():
             assert _iou(other, truth) < 0.1  # placed from the other lung it lands elsewhere
     again = PriorBoxes.from_json(json.loads(json.dumps(priors.to_json())))
     assert again.relative == priors.relative
-    assert fit_priors(items, ("right_clavicle", "left_clavicle")).relative == {}  # no lung trained: no anchor
+    assert fit_priors(items, ("right_clavicle", "left_clavicle"), "median").relative == {}  # no lung: no anchor
     assert PriorBoxes().relative_box("heart", [0, 0, 10, 10], (64, 64)) is None
+
+
+def test_envelope_prior_holds_every_training_box_and_auto_picks_it_for_the_scattered_clavicles():
+    """``coarse_prior="envelope"``: each label's prior box holds every training film's box of that label (the text has
+    to find the structure in it), where the median prior (the default) cuts some off. ``"auto"`` takes the envelope
+    only for labels the median box overlaps poorly: on the sample chests the clavicles, not the lungs or heart; an
+    enveloped label gets no anchor (a tight anchored box is not the prompt its model learns)."""
+    labels = ("right_clavicle", "left_clavicle", "heart", "right_lung", "left_lung")
+    items = load_folder(SAMPLE, labels, names=CASES)
+    median, envelope = fit_priors(items, labels), fit_priors(items, labels, "envelope")  # median: the default
+    cut_off = 0
+    for lab in labels:
+        assert envelope.kind[lab] == "envelope" and envelope.source[lab].startswith(f"envelope of {len(items)} labels")
+        for it in items:
+            truth = mask_box(it.masks[lab])
+            env = envelope.box(lab, it.image.shape)
+            assert env[0] <= truth[0] and env[1] <= truth[1] and env[2] >= truth[2] - 1 and env[3] >= truth[3] - 1
+            med = median.box(lab, it.image.shape)
+            cut_off += not (med[0] <= truth[0] and med[1] <= truth[1] and med[2] >= truth[2] and med[3] >= truth[3])
+    assert cut_off > 0
+    auto = fit_priors(items, labels, "auto")
+    assert auto.kind == {"right_clavicle": "envelope", "left_clavicle": "envelope", "heart": "median",
+                         "right_lung": "median", "left_lung": "median"}
+    assert auto.boxes["heart"] == median.boxes["heart"] and auto.boxes["left_clavicle"] == envelope.boxes["left_clavicle"]
+    assert auto.relative == {} and set(median.relative) == {"right_clavicle", "left_clavicle"}
+    again = PriorBoxes.from_json(json.loads(json.dumps(auto.to_json())))
+    assert again.boxes == auto.boxes and again.kind == auto.kind
+    with pytest.raises(ValueError, match="unknown prior fit 'mean'"):
+        fit_priors(items, labels, "mean")
 
 
 def test_tibia_box_is_placed_below_the_femur():

@@ -164,7 +164,7 @@ def cmd_train(args) -> int:
         raise ValueError(f"no labelled images for {','.join(labels)} in {args.data}")
     cfg = TrainConfig(mode=args.mode, epochs=args.epochs, seed=args.seed, device=args.device,
                       val_fraction=args.val_fraction, time_budget_s=args.time_budget * 60 if args.time_budget else None,
-                      batch_size=args.batch_size)
+                      batch_size=args.batch_size, coarse_prior=args.coarse_prior)
     backbone = build_backbone(args.backbone, args.checkpoint, device=resolve_device(args.device))
     enable_default_onnxruntime(backbone)  # the cached-mode training encodes use it too
     encoder = TextEncoder(args.text_encoder, device=backbone.device)
@@ -177,6 +177,7 @@ def cmd_train(args) -> int:
                       "val_dice": val["dice"], "val_dice_mean": val.get("dice_mean"),
                       "coarse_grow": meta.get("serving", {}).get("coarse_grow"),
                       "coarse_prompt": meta.get("serving", {}).get("coarse_prompt"),
+                      "coarse_prior": json.loads((out / "priors.json").read_text()).get("kind", {}),
                       "epochs_run": meta["training"]["epochs_run"], "stopped": meta["training"]["stopped"],
                       "seconds": round(time.perf_counter() - t0, 1), "size_bytes": meta["size_bytes"]}, indent=2))
     return 0
@@ -231,6 +232,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val-fraction", type=float, default=0.2)
     p.add_argument("--time-budget", type=float, default=None, help="minutes (encoding included) before keeping the best epoch")
     p.add_argument("--cases", default=None, help="comma list of case names to train on (default: all)")
+    p.add_argument("--coarse-prior", default="median", choices=["auto", "median", "envelope"],
+                   help="the coarse prompt box per label: the median training box, the envelope of all of them, or "
+                        "auto: the envelope for labels whose position varies more than their size (clavicles)")
     p.add_argument("--seed", type=int, default=0)
     _add_model_options(p)
     p.set_defaults(func=cmd_train)

@@ -99,6 +99,12 @@ class TrainConfig:
     # the first (the predictor's default) only when it wins by ``grow_margin``. Stored in the adapter's metadata
     # (serving.coarse_grow), used by Predictor.load_adapter. Clavicles gained 0.04-0.10 Dice from 0.3-0.5 (docs/results.md).
     grow_candidates: tuple[float, ...] = (0.15, 0.3, 0.5)
+    # the coarse prompt box (training and serving): "median" of the training films' boxes, their "envelope" (a box
+    # holding them all: the text, not the box, has to place the structure), or "auto": the envelope for labels the
+    # median box overlaps poorly (the clavicles), the median for the others (PriorBoxes.fit, priors.SPREAD_IOU).
+    # Median by default: on JSRT (k=30, LoRA, 12 min) "auto" gave clavicles 0.78 / 0.82 (split 0) and 0.60 / 0.66
+    # (split 1), no better than the median runs (0.73 / 0.83 over three); docs/results.md, 2026-11-29.
+    coarse_prior: str = "median"
     grow_margin: float = 0.01
     augment: bool = True
 
@@ -169,14 +175,16 @@ def split_items(items: list[TrainItem], val_fraction: float, seed: int,
     return train, val
 
 
-def fit_priors(items: list[TrainItem], labels: tuple[str, ...]) -> PriorBoxes:
-    """Prior boxes of ``labels`` fitted on the items' masks, and boxes relative to an anchor (``priors.ANCHORS``)
-    where both the label and its anchor are trained."""
+def fit_priors(items: list[TrainItem], labels: tuple[str, ...], how: str = "median") -> PriorBoxes:
+    """Prior boxes of ``labels`` fitted on the items' masks (``how``: "auto", "median" or "envelope", see
+    :meth:`PriorBoxes.fit`), and boxes relative to an anchor (``priors.ANCHORS``) where both the label and its
+    anchor are trained and the label's prompt is not an envelope (a tight box placed from the anchor is not the
+    prompt a model trained on envelopes knows: JSRT split 1, right clavicle 0.67 from the anchor, 0.88 without)."""
     priors = PriorBoxes()
     for lab in labels:
-        priors.fit(lab, [it.masks[lab] for it in items if lab in it.masks and it.masks[lab].any()])
+        priors.fit(lab, [it.masks[lab] for it in items if lab in it.masks and it.masks[lab].any()], how=how)
     for lab, anchor in ANCHORS.items():
-        if lab in labels and anchor in labels:
+        if lab in labels and anchor in labels and priors.kind.get(lab) != "envelope":
             priors.fit_relative(lab, anchor, [(it.masks[lab], it.masks[anchor]) for it in items
                                               if lab in it.masks and anchor in it.masks])
     return priors
@@ -661,7 +669,7 @@ def train_adapter(items: list[TrainItem], out_dir: str | Path, *, backbone: Back
     labels = tuple(lab for lab in labels if any(lab in it.labels for it in train_items))
     if not labels:
         raise ValueError("the training images carry none of the requested labels")
-    priors = fit_priors(train_items, labels)
+    priors = fit_priors(train_items, labels, cfg.coarse_prior)
     trainer = Trainer(backbone, text_encoder, labels, cfg, progress=progress, should_stop=should_stop,
                       log_path=log_path)
     result = trainer.fit(train_items, val_items, priors)
@@ -738,6 +746,7 @@ def retune_adapter(src: str | Path, out_dir: str | Path, data_dir: str | Path, *
     labels = tuple(meta["labels"])
     cfg_fields = {k: v for k, v in meta.get("training", {}).get("config", {}).items()
                   if k in TrainConfig.__dataclass_fields__}
+    cfg_fields.setdefault("coarse_prior", "median")  # adapters from before the option were trained on median boxes
     cfg = TrainConfig(**cfg_fields)
     train_items = load_folder(data_dir, labels, names=meta["train_names"])
     val_items = load_folder(data_dir, labels, names=meta["val_names"])
@@ -748,7 +757,7 @@ def retune_adapter(src: str | Path, out_dir: str | Path, data_dir: str | Path, *
     staging = out_dir.parent / f".{out_dir.name}.staging"
     shutil.rmtree(staging, ignore_errors=True)
     shutil.copytree(src, staging)
-    fit_priors(train_items, labels).save(staging / "priors.json")
+    fit_priors(train_items, labels, cfg.coarse_prior).save(staging / "priors.json")
     return _validate_and_publish(staging, out_dir, val_items, backbone, text_encoder, labels, cfg, progress)
 
 
