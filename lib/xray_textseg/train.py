@@ -99,13 +99,13 @@ class TrainConfig:
     # the first (the predictor's default) only when it wins by ``grow_margin``. Stored in the adapter's metadata
     # (serving.coarse_grow), used by Predictor.load_adapter. Clavicles gained 0.04-0.10 Dice from 0.3-0.5 (docs/results.md).
     grow_candidates: tuple[float, ...] = (0.15, 0.3, 0.5)
+    grow_margin: float = 0.01
     # the coarse prompt box (training and serving): "median" of the training films' boxes, their "envelope" (a box
     # holding them all: the text, not the box, has to place the structure), or "auto": the envelope for labels the
     # median box overlaps poorly (the clavicles), the median for the others (PriorBoxes.fit, priors.SPREAD_IOU).
     # Median by default: on JSRT (k=30, LoRA, 12 min) "auto" gave clavicles 0.78 / 0.82 (split 0) and 0.60 / 0.66
     # (split 1), no better than the median runs (0.73 / 0.83 over three); docs/results.md, 2026-11-29.
     coarse_prior: str = "median"
-    grow_margin: float = 0.01
     augment: bool = True
 
 
