@@ -76,13 +76,14 @@ def test_train_writes_an_adapter_with_the_chosen_coarse_prior_and_never_overwrit
     out = tmp_path / "adapter"
     cases = "chest_000,chest_001,chest_002,chest_003"
     r = run_cli("train", "--data", str(SAMPLE), "--out", str(out), "--labels", "heart,left_clavicle", "--cases", cases,
-                "--mode", "cached", "--epochs", "1", "--val-fraction", "0.25", "--coarse-prior", "auto", "--device", "cpu")
+                "--mode", "cached", "--epochs", "1", "--val-fraction", "0.25", "--coarse-prior", "auto", "--mid-view", "--device", "cpu")
     assert r.returncode == 0, r.stderr
     summary = json.loads(r.stdout[r.stdout.index("{"):])
     assert summary["coarse_prior"] == {"heart": "median", "left_clavicle": "envelope"}
+    assert summary["mid_view"] == ["left_clavicle"]  # the enveloped label, found on the upper-chest crop
     assert summary["train_images"] == 3 and summary["val_images"] == 1 and summary["mode"] == "cached"
     meta = json.loads((out / "metadata.json").read_text())
-    assert meta["training"]["config"]["coarse_prior"] == "auto" and set(meta["labels"]) == {"heart", "left_clavicle"}
+    assert meta["training"]["config"]["coarse_prior"] == "auto" and meta["training"]["config"]["mid_view"] and set(meta["labels"]) == {"heart", "left_clavicle"}
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     again = run_cli("train", "--data", str(SAMPLE), "--out", str(out), "--labels", "heart", "--cases", cases,
                     "--mode", "cached", "--epochs", "1", "--device", "cpu")

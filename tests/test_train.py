@@ -200,6 +200,59 @@ def test_envelope_prior_holds_every_training_box_and_auto_picks_it_for_the_scatt
         fit_priors(items, labels, "mean")
 
 
+def test_mid_view_trains_and_serves_enveloped_labels_on_one_crop_of_their_region(setup, tmp_path):
+    """``TrainConfig.mid_view``: labels with an envelope prompt (the clavicles under ``coarse_prior="auto"``) are
+    trained and served on one crop of the box holding their envelopes, where they fill more of the model input than
+    on the whole film; the heart keeps the whole film. Both clavicles of a film share the crop's one encode, and the
+    main random stream (every other example) is the same as without a mid view."""
+    from dataclasses import replace
+
+    labels = ("right_clavicle", "left_clavicle", "heart")
+    items = load_folder(SAMPLE, labels, names=CASES[:3])
+    priors = fit_priors(items, labels, "auto")
+    cfg = TrainConfig(mode="cached", epochs=1, batch_size=4, seed=0, device="cpu", coarse_prior="auto", mid_view=True,
+                      val_fraction=0.34, warmup_steps=1, cached_variants=1)
+    mid = Trainer(setup["backbone"], setup["encoder"], labels, cfg)._examples(
+        items, priors, np.random.default_rng(0), train=True)
+    plain = Trainer(setup["backbone"], setup["encoder"], labels, replace(cfg, mid_view=False))._examples(
+        items, priors, np.random.default_rng(0), train=True)
+    assert {(e.label, e.kind) for e in mid} == {("right_clavicle", "mid"), ("left_clavicle", "mid"),
+                                                ("heart", "coarse")} | {(lab, "fine") for lab in labels}
+    for film in range(len(items)):
+        views = [e for e in mid if e.kind == "mid" and e.item == film]
+        assert len(views) == 2 and views[0].share == views[1].share and torch.equal(views[0].x, views[1].x)
+        for e in views:  # the same clavicle fills more of the mid input than of the whole film's
+            whole = next(c for c in plain if c.kind == "coarse" and c.item == film and c.label == e.label)
+            assert e.target.mean() > 2 * whole.target.mean()
+    for a, b in zip(mid, plain):
+        if a.kind != "mid":
+            assert a.label == b.label and a.kind == b.kind and np.array_equal(a.box, b.box) and torch.equal(a.x, b.x)
+
+    meta = train_adapter(items, tmp_path / "mid", backbone=setup["backbone"], text_encoder=setup["encoder"],
+                         labels=labels, cfg=cfg)
+    assert meta["training"]["config"]["mid_view"] is True and set(meta["validation"]["dice"]) == set(labels)
+    p = Predictor(setup["backbone"], labels=labels, text_encoder=setup["encoder"])
+    p.load_adapter(tmp_path / "mid")
+    assert p.mid_labels == ("right_clavicle", "left_clavicle")
+    image = items[0].image
+    p.set_image(image)
+    view = p.mid_view()
+    region = p.priors.mid_region(p.mid_labels, image.shape)
+    x0, y0, x1, y1 = view.box
+    assert x0 <= region[0] and y0 <= region[1] and x1 >= region[2] and y1 >= region[3]
+    assert (y1 - y0) < 0.6 * image.shape[0]  # the upper chest, not the film
+    misses = p.cache.misses
+    left = p.predict("left clavicle", refine=False)
+    assert p.cache.misses == misses + 1 and p._cache_key(view) in p.cache  # the mid view only, not the whole film
+    assert np.allclose(left.results[0].box, p.priors.box("left_clavicle", image.shape))
+    p.predict("right clavicle", refine=False)
+    assert p.cache.misses == misses + 1  # the same crop serves the other clavicle
+    p.predict("heart", refine=False)
+    assert p.cache.misses == misses + 2 and p._cache_key(p.coarse_view()) in p.cache
+    p.unload_adapter()
+    assert p.mid_labels == ()
+
+
 def test_tibia_box_is_placed_below_the_femur():
     """The tibia's relative prior hangs from the femur's box: placed from each limb film's femur it lands on that
     film's tibia, below the femur."""

@@ -164,7 +164,7 @@ def cmd_train(args) -> int:
         raise ValueError(f"no labelled images for {','.join(labels)} in {args.data}")
     cfg = TrainConfig(mode=args.mode, epochs=args.epochs, seed=args.seed, device=args.device,
                       val_fraction=args.val_fraction, time_budget_s=args.time_budget * 60 if args.time_budget else None,
-                      batch_size=args.batch_size, coarse_prior=args.coarse_prior)
+                      batch_size=args.batch_size, coarse_prior=args.coarse_prior, mid_view=args.mid_view)
     backbone = build_backbone(args.backbone, args.checkpoint, device=resolve_device(args.device))
     enable_default_onnxruntime(backbone)  # the cached-mode training encodes use it too
     encoder = TextEncoder(args.text_encoder, device=backbone.device)
@@ -172,12 +172,14 @@ def cmd_train(args) -> int:
     meta = train_adapter(items, out, backbone=backbone, text_encoder=encoder, labels=labels, cfg=cfg,
                          progress=_print_progress, log_path=out.parent / f"{out.name}.train.jsonl")
     val = meta["validation"]
+    kinds = json.loads((out / "priors.json").read_text()).get("kind", {})
     print(json.dumps({"adapter": str(out), "mode": meta["mode"], "device": meta["device"],
                       "train_images": len(meta["train_images"]), "val_images": len(meta["val_images"]),
                       "val_dice": val["dice"], "val_dice_mean": val.get("dice_mean"),
                       "coarse_grow": meta.get("serving", {}).get("coarse_grow"),
                       "coarse_prompt": meta.get("serving", {}).get("coarse_prompt"),
-                      "coarse_prior": json.loads((out / "priors.json").read_text()).get("kind", {}),
+                      "coarse_prior": kinds,
+                      "mid_view": [lab for lab, k in kinds.items() if k == "envelope"] if cfg.mid_view else [],
                       "epochs_run": meta["training"]["epochs_run"], "stopped": meta["training"]["stopped"],
                       "seconds": round(time.perf_counter() - t0, 1), "size_bytes": meta["size_bytes"]}, indent=2))
     return 0
@@ -235,6 +237,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--coarse-prior", default="median", choices=["auto", "median", "envelope"],
                    help="the coarse prompt box per label: the median training box, the envelope of all of them, or "
                         "auto: the envelope for labels whose position varies more than their size (clavicles)")
+    p.add_argument("--mid-view", action="store_true",
+                   help="find the enveloped labels on one crop of their region (the upper chest for the clavicles) "
+                        "instead of the whole film: one more encode per film")
     p.add_argument("--seed", type=int, default=0)
     _add_model_options(p)
     p.set_defaults(func=cmd_train)

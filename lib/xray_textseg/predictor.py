@@ -117,6 +117,7 @@ class Predictor:
         self.coarse_grow = coarse_grow  # fine box = coarse mask's box grown by this fraction per side ...
         self.label_grow: dict[str, float] = {}  # ... or by the adapter's per-label choice (see grow_for)
         self.label_prompt: dict[str, str] = {}  # "anchor": the coarse prompt box comes from an anchor (see anchor_for)
+        self.mid_labels: tuple[str, ...] = ()  # found on the mid view, not the whole film (see mid_view)
         self.adapter_version = "none"
         self.adapter_metadata: dict = {}
         self.encoder_version = "base"  # part of the cache key: a LoRA adapter changes the embeddings
@@ -209,6 +210,7 @@ class Predictor:
             serving = meta.get("serving", {})
             self.label_grow = {str(k): float(v) for k, v in serving.get("coarse_grow", {}).items()}
             self.label_prompt = {str(k): str(v) for k, v in serving.get("coarse_prompt", {}).items()}
+            self.mid_labels = tuple(self.priors.mid_labels(meta.get("labels", ()))) if trained.get("mid_view") else ()
             self._generation += 1
 
     def unload_adapter(self) -> None:
@@ -219,7 +221,7 @@ class Predictor:
             self.backbone.prepare_onnxruntime_decoder()  # normally still prepared: then a no-op
             self.head, self.adapter_version, self.adapter_metadata, self.encoder_version = None, "none", {}, "base"
             self.crop_margin, self.max_tile_aspect = self._base_geometry
-            self.label_grow, self.label_prompt = {}, {}
+            self.label_grow, self.label_prompt, self.mid_labels = {}, {}, ()
             self._generation += 1
 
     def grow_for(self, label: str) -> float:
@@ -290,6 +292,12 @@ class Predictor:
         if max(h, w) / min(h, w) > 2.0:
             return View.full((h, w), self.backbone.input_size, stretch=True)
         return self.backbone.full_view((h, w))
+
+    def mid_view(self) -> View:
+        """The crop of the region holding the mid labels' prior boxes (``PriorBoxes.mid_region``; on a chest film
+        the upper thorax), stretched to the model input: where an adapter trained with ``mid_view`` finds them."""
+        region = self.priors.mid_region(self.mid_labels, self._image.shape)
+        return View.crop(self._image.shape, region, self.backbone.input_size, margin=self.crop_margin)
 
     # --- prediction --------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -489,8 +497,9 @@ class Predictor:
     def _segment(self, parsed: list[ParsedLabel], boxes: dict[str, list[float]] | None,
                  refine: bool) -> tuple[list[LabelResult], dict[str, float]]:
         """The pipeline for labels not in the result cache: prompt box (user or prior) -> coarse mask on the
-        whole film -> grown box of its largest component -> fine mask on the crop (tiles for long boxes). With
-        ``refine`` a label with a user box goes straight to the fine pass on its box."""
+        whole film (on the mid view for ``mid_labels``) -> grown box of its largest component -> fine mask on the
+        crop (tiles for long boxes). With ``refine`` a label with a user box goes straight to the fine pass on its
+        box."""
         t0 = time.perf_counter()
         shape = self._image.shape
         prompt_boxes, sources = [], []
@@ -510,6 +519,12 @@ class Predictor:
         for i in coarse:  # an anchor asked for itself: its coarse mask was just decoded for the anchored label
             if sources[i] != "user_box" and parsed[i].label in anchor_masks:
                 full[i], iou[i] = anchor_masks[parsed[i].label]
+        mid = [i for i in coarse if i not in full and sources[i] != "user_box" and parsed[i].label in self.mid_labels]
+        if mid:  # one encode of the mid view for all of them, instead of the whole film's
+            view = self.mid_view()
+            logits, iou_m, _ = self._decode_boxes(view, prompt_boxes[mid], None if tokens is None else tokens[mid])
+            full.update(zip(mid, view.logits_to_image(logits).numpy() > 0))
+            iou[mid] = iou_m
         coarse = [i for i in coarse if i not in full]
         if coarse:
             view = self.coarse_view()

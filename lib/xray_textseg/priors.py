@@ -109,6 +109,21 @@ class PriorBoxes:
             self.source[label] = f"{how} of {len(rows)} labels (median box IoU {overlap:.2f})"
         return len(rows)
 
+    def mid_labels(self, labels: Iterable[str]) -> list[str]:
+        """The labels among ``labels`` whose prompt is an envelope (:meth:`fit`): the ones an adapter trained with a
+        mid view (``TrainConfig.mid_view``) finds on :meth:`mid_region` instead of the whole film."""
+        return [lab for lab in labels if self.kind.get(lab) == "envelope"]
+
+    def mid_region(self, labels: Iterable[str], image_shape: tuple[int, int]) -> np.ndarray | None:
+        """The box (pixels) holding the prior boxes of ``labels``: on a chest film with both clavicles enveloped,
+        the upper thorax, which a stretched 256 px view shows at ~3x the whole film's vertical resolution. None
+        without labels."""
+        boxes = [self.box(lab, image_shape) for lab in labels]
+        if not boxes:
+            return None
+        b = np.stack(boxes)
+        return np.concatenate([b[:, :2].min(axis=0), b[:, 2:].max(axis=0)]).astype(np.float32)
+
     def fit_relative(self, label: str, anchor: str, pairs: Iterable[tuple[np.ndarray, np.ndarray]],
                      min_count: int = 1) -> int:
         """Fit ``label``'s box relative to ``anchor``'s box: the median over (label mask, anchor mask) pairs of

@@ -106,6 +106,12 @@ class TrainConfig:
     # Median by default: on JSRT (k=30, LoRA, 12 min) "auto" gave clavicles 0.78 / 0.82 (split 0) and 0.60 / 0.66
     # (split 1), no better than the median runs (0.73 / 0.83 over three); docs/results.md, 2026-11-29.
     coarse_prior: str = "median"
+    # labels whose coarse prompt is an envelope (above) are found on a mid view instead of the whole film: the box
+    # holding their envelopes (PriorBoxes.mid_region; on a chest film the upper thorax) cut with crop_margin and
+    # stretched to the model input, so a clavicle is seen at ~3x the whole film's vertical resolution. One more
+    # encode per training film and epoch; at serving it replaces the whole-film encode when only such labels are
+    # asked. Its mask places the fine crop as the coarse mask does for the other labels.
+    mid_view: bool = False
     augment: bool = True
 
 
@@ -237,14 +243,19 @@ def _shift_box(box: np.ndarray, rng: np.random.Generator, fraction: float, shape
 
 
 def draw_example(item: TrainItem, label: str, kind: str, rng: np.random.Generator, priors: PriorBoxes,
-                 backbone: Backbone, cfg: TrainConfig, res: int, train: bool = True) -> Example:
-    """One example as the predictor would see it, with random jitter when ``train``."""
+                 backbone: Backbone, cfg: TrainConfig, res: int, train: bool = True,
+                 region: np.ndarray | None = None) -> Example:
+    """One example as the predictor would see it, with random jitter when ``train``. ``kind``: "coarse" (the
+    whole film, prior box), "mid" (the crop of ``region``, prior box) or "fine" (a crop around the true box)."""
     from .predictor import tile_boxes
 
     shape = item.image.shape
     mask = item.masks[label]
-    if kind == "coarse":
-        view = coarse_view(shape, backbone)
+    if kind in ("coarse", "mid"):
+        if kind == "coarse":
+            view = coarse_view(shape, backbone)
+        else:
+            view = View.crop(shape, region, backbone.input_size, margin=cfg.crop_margin)
         box = priors.box(label, shape)
         if train:
             box = _jitter_box(box, rng, -0.08, 0.08, shape)
@@ -361,22 +372,31 @@ class Trainer:
     def _examples(self, items: list[TrainItem], priors: PriorBoxes, rng: np.random.Generator, train: bool,
                   variants: int = 1) -> list[Example]:
         """Coarse examples of one image share one augmentation (same seed) and so one input and, in
-        cached mode, one encode; fine examples each get their own crop and augmentation."""
+        cached mode, one encode; so do its mid examples (``TrainConfig.mid_view``: labels with an envelope prompt,
+        on one jittered crop of their region). Fine examples each get their own crop and augmentation."""
+        mid = set(priors.mid_labels(self.labels)) if self.cfg.mid_view else set()
         out = []
         for i, it in enumerate(items):
             for v in range(variants):
                 coarse_seed = int(rng.integers(2**31))
+                region = None
+                if mid:  # from its own generator: without a mid view the main stream is as before
+                    region = priors.mid_region(sorted(mid), it.image.shape)
+                    if train:
+                        region = _jitter_box(region, np.random.default_rng([coarse_seed, 1]), -0.05, 0.05,
+                                             it.image.shape)
                 for lab in it.labels:
                     if lab not in self.labels:
                         continue
-                    for kind in ("coarse", "fine"):
-                        ex = draw_example(it, lab, kind, rng, priors, self.backbone, self.cfg, self.res, train=train)
+                    for kind in ("mid" if lab in mid else "coarse", "fine"):
+                        ex = draw_example(it, lab, kind, rng, priors, self.backbone, self.cfg, self.res, train=train,
+                                          region=region)
                         if train and self.cfg.augment:
-                            ex = augment(ex, np.random.default_rng(coarse_seed) if kind == "coarse" else rng,
-                                         self.res)
+                            shared = {"coarse": coarse_seed, "mid": [coarse_seed, 2]}.get(kind)
+                            ex = augment(ex, rng if shared is None else np.random.default_rng(shared), self.res)
                         ex.item = i
-                        if kind == "coarse":
-                            ex.share = (i, v)
+                        if kind != "fine":
+                            ex.share = (i, v, kind)
                         out.append(ex)
         return out
 
