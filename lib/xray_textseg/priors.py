@@ -45,6 +45,12 @@ ANCHORS: dict[str, str] = {"right_clavicle": "right_lung", "left_clavicle": "lef
 SPREAD_IOU = 0.65
 
 
+def _union_box(boxes) -> np.ndarray:
+    """The smallest box (x0, y0, x1, y1) holding every row of ``boxes`` (N, 4)."""
+    b = np.asarray(boxes)
+    return np.concatenate([b[:, :2].min(axis=0), b[:, 2:].max(axis=0)])
+
+
 def _box_iou(a, b) -> float:
     ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
     iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
@@ -99,7 +105,7 @@ class PriorBoxes:
             overlap = float(np.mean([_box_iou(box, x) for x in r]))
             if how == "envelope" or (how == "auto" and overlap < spread_iou):
                 how = "envelope"
-                box = np.concatenate([r[:, :2].min(axis=0), r[:, 2:].max(axis=0)])
+                box = _union_box(r)
                 size = np.tile(box[2:] - box[:2], 2)
                 box = np.clip(box + margin * size * np.array([-1, -1, 1, 1]), 0.0, 1.0)
             else:
@@ -119,10 +125,7 @@ class PriorBoxes:
         the upper thorax, which a stretched 256 px view shows at ~3x the whole film's vertical resolution. None
         without labels."""
         boxes = [self.box(lab, image_shape) for lab in labels]
-        if not boxes:
-            return None
-        b = np.stack(boxes)
-        return np.concatenate([b[:, :2].min(axis=0), b[:, 2:].max(axis=0)]).astype(np.float32)
+        return _union_box(boxes).astype(np.float32) if boxes else None
 
     def fit_relative(self, label: str, anchor: str, pairs: Iterable[tuple[np.ndarray, np.ndarray]],
                      min_count: int = 1) -> int:

@@ -254,10 +254,8 @@ def draw_example(item: TrainItem, label: str, kind: str, rng: np.random.Generato
     shape = item.image.shape
     mask = item.masks[label]
     if kind in ("coarse", "mid"):
-        if kind == "coarse":
-            view = coarse_view(shape, backbone)
-        else:
-            view = View.crop(shape, region, backbone.input_size, margin=cfg.crop_margin)
+        view = coarse_view(shape, backbone) if kind == "coarse" else \
+            View.crop(shape, region, backbone.input_size, margin=cfg.crop_margin)
         box = priors.box(label, shape)
         if train:
             box = _jitter_box(box, rng, -0.08, 0.08, shape)
@@ -376,14 +374,14 @@ class Trainer:
         """Coarse examples of one image share one augmentation (same seed) and so one input and, in
         cached mode, one encode; so do its mid examples (``TrainConfig.mid_view``: labels with an envelope prompt,
         on one jittered crop of their region). Fine examples each get their own crop and augmentation."""
-        mid = set(priors.mid_labels(self.labels)) if self.cfg.mid_view else set()
+        mid = priors.mid_labels(self.labels) if self.cfg.mid_view else []
         out = []
         for i, it in enumerate(items):
             for v in range(variants):
                 coarse_seed = int(rng.integers(2**31))
                 region = None
                 if mid:  # from its own generator: without a mid view the main stream is as before
-                    region = priors.mid_region(sorted(mid), it.image.shape)
+                    region = priors.mid_region(mid, it.image.shape)
                     if train:
                         region = _jitter_box(region, np.random.default_rng([coarse_seed, 1]), -0.05, 0.05,
                                              it.image.shape)
