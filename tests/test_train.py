@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 
 import numpy as np
@@ -392,7 +393,36 @@ def test_auto_mode_trains_lora_where_the_encoder_is_fast_and_says_so(setup):
     backbone, encoder = setup["backbone"], setup["encoder"]
     trainer = Trainer(backbone, encoder, LABELS, TrainConfig(device="cpu"))  # mode "auto" is the default
     assert trainer.mode == auto_mode(torch.device("cpu"))
-    assert trainer.amp == (trainer.mode == "lora")  # bf16 only where LoRA was picked for it
+    # bf16 only where LoRA was picked for it and measured faster in bf16 than in fp32 on this CPU
+    assert trainer.amp == (trainer.mode == "lora" and trainer.precision_probe["bf16"])
+
+
+def test_lora_step_precision_is_measured_once_per_cpu_and_leaves_the_encoder_as_it_was(setup, tmp_path, monkeypatch):
+    """bf16 or fp32 for CPU LoRA steps comes from timing both (an Intel Xeon with AVX-512 BF16 ran them slower in
+    bf16); the answer is kept, and the probe changes neither torch's random stream, the gradients nor BatchNorm."""
+    from xray_textseg.adapters import lora_encoder
+    from xray_textseg.train import lora_step_precision
+
+    monkeypatch.setenv("XRAY_TEXTSEG_CACHE", str(tmp_path))
+    encoder = lora_encoder(copy.deepcopy(setup["backbone"].image_encoder))
+    encoder.train()
+    before = {k: v.clone() for k, v in encoder.state_dict().items()}
+    torch.manual_seed(7)
+    expected = torch.rand(3)
+    torch.manual_seed(7)
+    first = lora_step_precision(encoder, 256, repeats=1)
+    assert torch.equal(torch.rand(3), expected)
+    assert encoder.training
+    assert all(p.grad is None for p in encoder.parameters())
+    assert all(torch.equal(v, before[k]) for k, v in encoder.state_dict().items())
+    if not cpu_has_bf16():
+        assert first == {"bf16": False, "measured": False, "reason": "no native bf16"}
+        return
+    assert first["measured"] and first["bf16"] == (first["bf16_s"] < first["fp32_s"])
+    assert first["bf16_s"] > 0 and first["fp32_s"] > 0
+    again = lora_step_precision(encoder, 256, repeats=1)
+    assert not again["measured"] and again["bf16"] == first["bf16"] and again["fp32_s"] == first["fp32_s"]
+    assert len(json.loads((tmp_path / "lora_precision.json").read_text())) == 1
 
 
 def test_auto_cached_copies_give_small_sets_more_augmented_copies():
@@ -498,7 +528,8 @@ def test_lora_adapter_trained_on_cpu_carries_the_encoder_and_round_trips(setup, 
                          labels=("heart",), cfg=cfg, log_path=log)
     rows = [json.loads(line) for line in log.read_text().splitlines()]
     start = next(r for r in rows if r["event"] == "start")
-    assert start["mode"] == "lora" and start["bf16"] == cpu_has_bf16()  # bf16 only where the CPU has it
+    # bf16 only where the CPU has it and a LoRA step measured faster in it
+    assert start["mode"] == "lora" and start["bf16"] == (cpu_has_bf16() and start["precision_probe"]["bf16"])
     assert [r["mode"] for r in rows if r["event"] == "epoch"] == ["lora"]
     assert meta["mode"] == "lora" and (tmp_path / "v0001" / "adapter_config.json").exists()
     assert meta["size_bytes"] < 10 * 2**20

@@ -12,8 +12,9 @@ Modes
 -----
 ``lora``   the image encoder gets peft LoRA adapters on its attention ``qkv``/``proj`` and is trained
            with the head and decoder; every step encodes augmented inputs (a film's coarse examples share
-           one encode). Fast on a GPU; on a CPU with native bf16 (AVX-512 BF16, AMX) it runs in bf16 at
-           ~45 s per epoch of 8 chest films on 2 cores (Zen 5).
+           one encode). Fast on a GPU; on a CPU with native bf16 (AVX-512 BF16, AMX) ~45 s per epoch of 8
+           chest films on 2 cores (Zen 5, in bf16). On the CPU bf16 autocast is used only where a LoRA step
+           measures faster in it than in fp32 (``lora_step_precision``, once per machine).
 ``cached`` the encoder stays frozen: every example is encoded once (``cached_variants`` augmented
            copies), then only the head and decoder train on the cached embeddings. The CPU mode:
            the encoder forward is ~90 % of the cost.
@@ -23,7 +24,7 @@ Modes
 Loss: Dice + BCE (MONAI ``DiceCELoss``) on the decoder's logits, plus MSE between predicted and
 actual IoU (the active-learning uncertainty uses the predicted IoU). AdamW, warm-up + cosine
 schedule, early stopping on validation Dice, a wall-clock budget, AMP (bf16) on CUDA and, for LoRA,
-on a CPU with native bf16. Augmentations keep laterality: small rotation/scale/shift,
+on a CPU with native bf16 where it measures faster. Augmentations keep laterality: small rotation/scale/shift,
 contrast/brightness/gamma, noise; never a flip.
 """
 
@@ -207,6 +208,72 @@ def auto_mode(device: torch.device) -> str:
     return "lora" if device.type == "cuda" or cpu_has_bf16() else "cached"
 
 
+def _cpu_id() -> str:
+    """The CPU as /proc/cpuinfo names it (model name, family, model number), or the platform's word for it."""
+    import platform
+
+    fields = {}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if not line.strip():
+                break
+            k, _, v = line.partition(":")
+            fields[k.strip()] = v.strip()
+    except OSError:
+        pass
+    return " / ".join(fields.get(k, "") for k in ("model name", "cpu family", "model")) or platform.processor()
+
+
+def lora_step_precision(encoder: torch.nn.Module, size: int, repeats: int = 2) -> dict:
+    """Whether an encoder-LoRA training step (forward + backward, one ``size`` x ``size`` input) is faster in bf16
+    autocast or in fp32 on this CPU: measured, not assumed from the instruction set. On a Zen 5 host bf16 took 0.6-1.1 s
+    per LiteMedSAM input against ~3 s in fp32; on an Intel Xeon (family 6, model 207: AVX-512 BF16 without AMX) bf16
+    took 1.55 s against 1.25 s in fp32 (docs/performance.md). Returns ``{"bf16": bool, "bf16_s", "fp32_s",
+    "measured"}``; CPUs without native bf16 get fp32 unmeasured. The answer is kept per CPU, torch version, thread count
+    and input size in ``default_cache_dir()/lora_precision.json``, so a machine measures once (~10 s on 2 cores).
+    Torch's random state, the encoder's gradients and its BatchNorm statistics are left as they were."""
+    if not cpu_has_bf16():
+        return {"bf16": False, "measured": False, "reason": "no native bf16"}
+    from .backbones import default_cache_dir
+
+    key = f"{_cpu_id()} | torch {torch.__version__} | {torch.get_num_threads()} threads | {size} px"
+    path = default_cache_dir() / "lora_precision.json"
+    try:
+        known = json.loads(path.read_text())
+    except (OSError, ValueError):
+        known = {}
+    if isinstance(known.get(key), dict) and "bf16" in known[key]:
+        return {**known[key], "measured": False, "reason": "measured before on this CPU"}
+    x = torch.linspace(0, 1, 3 * size * size).reshape(1, 3, size, size)
+    params = [p for p in encoder.parameters() if p.requires_grad]
+    grads = [p.grad for p in params]
+    times: dict[str, list[float]] = {"bf16": [], "fp32": []}
+    was_training = encoder.training
+    encoder.eval()  # as in training (BatchNorm statistics stay put)
+    with torch.random.fork_rng(devices=[]):
+        for r in range(repeats + 1):  # the first round warms both up
+            for name in ("bf16", "fp32"):
+                t0 = time.perf_counter()
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=name == "bf16"):
+                    out = encoder(x)
+                out.float().square().mean().backward()
+                if r:
+                    times[name].append(time.perf_counter() - t0)
+    encoder.train(was_training)
+    for p, g in zip(params, grads):
+        p.grad = g
+    result = {"bf16": min(times["bf16"]) < min(times["fp32"]), "bf16_s": round(min(times["bf16"]), 3),
+              "fp32_s": round(min(times["fp32"]), 3)}
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({**known, key: result}, indent=1))
+        os.replace(tmp, path)
+    except OSError as exc:
+        logger.warning("could not keep the LoRA precision measurement in %s: %s", path, exc)
+    return {**result, "measured": True}
+
+
 def cached_variants_for(n_films: int, n_labels: int = 1, target: int = 100) -> int:
     """Augmented copies per film in cached mode: the most (1 to 4) that keep the encodes, ``n_films`` x
     (1 + ``n_labels``) per copy, within ``target``."""
@@ -363,10 +430,14 @@ class Trainer:
         self.phrase_emb = dict(zip(all_phrases, text_encoder.encode(all_phrases)))
         self.sides = {lab: side_code(lab.split("_")[0] if lab.split("_")[0] in ("left", "right") else None)
                       for lab in labels}
-        # bf16 autocast: on CUDA, and for encoder LoRA on a CPU with native bf16 (AVX-512 BF16 / AMX), where an
-        # encoder forward+backward takes 0.6-1.1 s per 256 px input against ~3 s in fp32 (Zen 5, 2 cores). Cached
-        # mode keeps fp32 on the CPU: its embeddings must match the fp32 serving encoder.
-        self.amp = self.cfg.amp and (self.device.type == "cuda" or (self.mode == "lora" and cpu_has_bf16()))
+        # bf16 autocast: on CUDA, and for encoder LoRA on a CPU with native bf16 (AVX-512 BF16 / AMX) where a step
+        # measures faster in it (lora_step_precision): on Zen 5 an encoder forward+backward took 0.6-1.1 s per 256 px
+        # input against ~3 s in fp32, on an Intel Xeon (family 6, model 207) 1.52 s against 1.25 s. Cached mode keeps
+        # fp32 on the CPU: its embeddings must match the fp32 serving encoder.
+        self.precision_probe: dict = {}
+        if self.cfg.amp and self.device.type == "cpu" and self.mode == "lora":
+            self.precision_probe = lora_step_precision(self.backbone.image_encoder, self.backbone.input_size)
+        self.amp = self.cfg.amp and (self.device.type == "cuda" or self.precision_probe.get("bf16", False))
 
     # --- examples ---
     def _examples(self, items: list[TrainItem], priors: PriorBoxes, rng: np.random.Generator, train: bool,
@@ -544,7 +615,10 @@ class Trainer:
 
         logger.info("training mode=%s device=%s bf16=%s train images=%d val images=%d labels=%s", self.mode,
                     self.device, self.amp, len(train_items), len(val_items), ",".join(self.labels))
+        if self.precision_probe:
+            logger.info("LoRA step precision on this CPU: %s", self.precision_probe)
         self._log({"event": "start", "mode": self.mode, "device": str(self.device), "bf16": self.amp,
+                   "precision_probe": self.precision_probe,
                    "train_images": len(train_items),
                    "val_images": len(val_items), "config": asdict(cfg)})
         result = TrainResult(self.mode, 0, 0, -1.0)
