@@ -220,10 +220,15 @@ def parse_overrides(pairs: list[str]) -> dict:
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| data | label | zero-shot | oracle box | " + " | ".join(
-        f"k={k}" for k in sorted({r["k"] for r in rows if r["k"]})) + " |"]
+    """One row per data set and label; columns: zero-shot, oracle box, then text+adapter per k (and per ``--tag``:
+    a tagged run gets its own columns, "k=30 (TAG)")."""
     ks = sorted({r["k"] for r in rows if r["k"]})
-    lines.append("|---" * (4 + len(ks)) + "|")
+    methods = sorted({r["method"] for r in rows if r["method"].startswith("text+adapter")},
+                     key=lambda m: (m != "text+adapter", m))
+    cols = [(m, k) for m in methods for k in ks if any(r["method"] == m and r["k"] == k for r in rows)]
+    lines = ["| data | label | zero-shot | oracle box | " + " | ".join(
+        f"k={k}" + (f" ({m.split('@', 1)[1]})" if "@" in m else "") for m, k in cols) + " |",
+        "|---" * (4 + len(cols)) + "|"]
     for data in sorted({r["data"] for r in rows}):
         for lab in sorted({r["label"] for r in rows if r["data"] == data}):
             def mean(method, k=0):
@@ -236,7 +241,7 @@ def markdown(rows: list[dict]) -> str:
                 return f"{np.mean(list(by_seed.values())):.3f} (" + " / ".join(
                     f"{by_seed[s]:.3f}" for s in sorted(by_seed)) + ")"
             lines.append(f"| {data} | {lab} | {mean('zero-shot')} | {mean('oracle-box')} | "
-                         + " | ".join(mean("text+adapter", k) for k in ks) + " |")
+                         + " | ".join(mean(m, k) for m, k in cols) + " |")
     return "\n".join(lines) + ("\n\nTest Dice: mean over split seeds (each seed's value in brackets, seeds in "
                                "ascending order); k = training images (adapter validation taken from them).\n")
 

@@ -20,11 +20,17 @@ def test_defaults_and_parsing():
     assert o.auto_train_after == 3 and o.refine is False and o.retrain_seconds == 86400
     assert AppOptions.from_conf({"retrain_interval": "30m"}).retrain_seconds == 1800
     assert AppOptions.from_conf({"retrain_interval": "off"}).retrain_seconds == 0
+    o = AppOptions.from_conf({"train_coarse_prior": "auto", "train_mid_view": "true"})
+    assert o.train_coarse_prior == "auto" and o.train_mid_view is True
+    assert AppOptions.from_conf({}).train_coarse_prior == "median" and not AppOptions.from_conf({}).train_mid_view
 
 
 @pytest.mark.parametrize("conf, match", [
     ({"auto_train_after": "five"}, "auto_train_after"),
     ({"refine": "maybe"}, "refine"),
+    ({"train_mode": "fast"}, "train_mode.*auto, lora, cached"),
+    ({"train_coarse_prior": "mean"}, "train_coarse_prior.*median, auto, envelope"),
+    ({"train_mid_view": "perhaps"}, "train_mid_view"),
 ])
 def test_bad_values_name_the_option(conf, match):
     with pytest.raises(ValueError, match=match):

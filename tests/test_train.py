@@ -457,6 +457,21 @@ def test_time_budget_counts_encoding_and_ends_inside_an_epoch(setup, tmp_path):
     assert meta["training"]["stopped"] == "time budget" and meta["training"]["epochs_run"] == 1
     assert len(epochs) == 1 and epochs[0]["steps"] == 1  # of 2 (1 film x heart x coarse + fine, batch 1)
     assert set(meta["validation"]["dice"]) == {"heart"}
+    # a budget that holds fewer epochs than wanted says so, naming the setting to raise
+    budget = [r for r in map(json.loads, log.read_text().splitlines()) if r["event"] == "budget"]
+    assert len(budget) == 1 and budget[0]["epochs_in_budget"] == 0 and "train_time_budget_min" in budget[0]["warning"]
+
+
+def test_a_budget_that_holds_the_epochs_gives_no_warning(setup, tmp_path):
+    cfg = TrainConfig(mode="cached", epochs=2, batch_size=2, seed=0, device="cpu", val_fraction=0.5,
+                      cached_variants=1, time_budget_s=3600)
+    log = tmp_path / "train.jsonl"
+    seen = []
+    train_adapter(setup["items"][:2], tmp_path / "v0001", backbone=setup["backbone"], text_encoder=setup["encoder"],
+                  labels=("heart",), cfg=cfg, log_path=log, progress=seen.append)
+    events = [r["event"] for r in map(json.loads, log.read_text().splitlines())]
+    assert events.count("epoch") == 2 and "budget" not in events
+    assert [i["epoch"] for i in seen if i.get("event") == "epoch"] == [1, 2]
 
 
 def test_lora_on_the_cpu_runs_a_batch_input_by_input_with_the_same_gradients(setup):

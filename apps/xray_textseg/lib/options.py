@@ -5,6 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 
 
+# options with a fixed set of values, checked when the server starts
+CHOICES = {"train_mode": ("auto", "lora", "cached"), "train_coarse_prior": ("median", "auto", "envelope")}
+
+
 @dataclass(frozen=True)
 class AppOptions:
     backbone: str = "litemedsam"  # litemedsam | medsam_vit_b | sam_vit_b
@@ -24,6 +28,13 @@ class AppOptions:
     train_time_budget_min: int = 12  # minutes (encoding included) before the best epoch is kept (0 = no limit)
     train_mode: str = "auto"  # auto (lora on CUDA and bf16 CPUs, cached on other CPUs) | lora | cached
     train_cached_copies: int = 0  # cached mode: augmented copies encoded per film; 0 = auto (1-4, ~100 encodes)
+    train_coarse_prior: str = "median"  # median | auto | envelope: the coarse prompt box per label (TrainConfig)
+    train_mid_view: bool = False  # find enveloped labels (clavicles with coarse prior auto) on a crop of their region
+
+    def __post_init__(self) -> None:
+        for name, allowed in CHOICES.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"--conf {name} {getattr(self, name)!r}: use one of {', '.join(allowed)}")
 
     @property
     def retrain_seconds(self) -> int:

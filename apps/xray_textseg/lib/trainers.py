@@ -26,6 +26,7 @@ from xray_textseg.train import TrainConfig, TrainItem, split_items, train_adapte
 from xray_textseg.vocabulary import UnknownLabelError, parse_label
 
 from .infers import LABEL_VALUES
+from .options import CHOICES
 
 logger = logging.getLogger(__name__)
 
@@ -92,7 +93,8 @@ class AdapterTrainer(TrainTask):
     def config(self) -> dict[str, Any]:
         o = self.app.options
         return {"epochs": o.train_epochs, "mode": o.train_mode, "time_budget_min": float(o.train_time_budget_min),
-                "cached_copies": o.train_cached_copies, "val_fraction": 0.2, "seed": 0}
+                "cached_copies": o.train_cached_copies, "coarse_prior": o.train_coarse_prior,
+                "mid_view": o.train_mid_view, "val_fraction": 0.2, "seed": 0}
 
     def stats(self) -> dict[str, Any]:
         path = self.store.root / STATS_FILE
@@ -114,6 +116,11 @@ class AdapterTrainer(TrainTask):
     def __call__(self, request: dict[str, Any], datastore: Datastore) -> dict[str, Any]:
         t0 = time.time()
         conf = {**self.config(), **{k: v for k, v in request.items() if k in self.config()}}
+        if conf["coarse_prior"] not in CHOICES["train_coarse_prior"]:
+            raise ValueError(f"train config coarse_prior {conf['coarse_prior']!r}: use one of "
+                             f"{', '.join(CHOICES['train_coarse_prior'])}")
+        mid_view = conf["mid_view"] if isinstance(conf["mid_view"], bool) else \
+            str(conf["mid_view"]).strip().lower() in ("true", "1", "yes")
         removed = self.store.cleanup_partial()
         if removed:
             logger.info("removed debris of an interrupted run: %s", removed)
@@ -126,7 +133,8 @@ class AdapterTrainer(TrainTask):
         cfg = TrainConfig(mode=str(conf["mode"]), epochs=int(conf["epochs"]), seed=int(conf["seed"]),
                           val_fraction=float(conf["val_fraction"]), device=self.app.options.device,
                           time_budget_s=float(conf["time_budget_min"]) * 60 or None, patience=8,
-                          cached_variants=int(conf["cached_copies"]))
+                          cached_variants=int(conf["cached_copies"]), coarse_prior=str(conf["coarse_prior"]),
+                          mid_view=mid_view)
         train_items, val_items = split_items(items, cfg.val_fraction, cfg.seed, cfg.min_val_images)
         version_path = self.store.new_version_path()
         stats = {"status": "running", "version": version_path.name, "epoch": 0, "total_epochs": cfg.epochs,
@@ -140,6 +148,8 @@ class AdapterTrainer(TrainTask):
                 stats.update(epoch=info["epoch"], best_metric=round(max(info["best"], 0.0), 4),
                              loss=round(info["loss"], 4), mode=info["mode"],
                              val_dice={k: round(v, 4) for k, v in info["val_dice"].items()})
+            elif info.get("event") == "budget":  # the budget holds too few epochs on this machine
+                stats.update(warning=info["warning"], epochs_in_budget=info["epochs_in_budget"])
             else:
                 stats.update(phase=info.get("phase"), done=info.get("done"), total=info.get("total"))
             self._write_stats(stats)
