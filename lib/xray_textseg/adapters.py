@@ -139,14 +139,14 @@ def load_adapter(path: str | Path) -> Adapter:
 
 
 def lora_encoder(encoder: torch.nn.Module, adapter_path: str | Path | None = None, rank: int = 8,
-                 alpha: int = 16, dropout: float = 0.0, trainable: bool = True):
-    """Wrap ``encoder`` with peft LoRA on its attention ``qkv``/``proj`` layers: fresh (for training)
-    or loaded from ``adapter_path`` (for inference)."""
+                 alpha: int = 16, dropout: float = 0.0, trainable: bool = True, targets: str = LORA_TARGETS):
+    """Wrap ``encoder`` with peft LoRA on its attention ``qkv``/``proj`` layers (``targets``, a regex over module
+    names): fresh (for training) or loaded from ``adapter_path`` (for inference; the targets are the saved ones)."""
     from peft import LoraConfig, PeftModel, get_peft_model
 
     if adapter_path is not None:
         return PeftModel.from_pretrained(encoder, str(adapter_path), is_trainable=trainable)
-    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=LORA_TARGETS, bias="none")
+    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, bias="none")
     return get_peft_model(encoder, config)
 
 

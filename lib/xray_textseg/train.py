@@ -47,6 +47,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .adapters import LORA_TARGETS
 from .backbones import Backbone, cpu_has_bf16, encode_batch_size
 from .io import Radiograph, load_mask, load_radiograph
 from .priors import ANCHORS, PriorBoxes
@@ -69,6 +70,10 @@ class TrainConfig:
     warmup_steps: int = 20
     lora_rank: int = 8
     lora_alpha: int = 16
+    # the encoder modules that get LoRA (a regex over module names): by default every attention qkv / proj of the
+    # TinyViT (layers 1-3) or ViT. Backward stops at the first adapted layer: on 2 Intel cores a LiteMedSAM step took
+    # 1.51 s with all of them, 1.27 s with layers 2-3, 0.79 s with layer 3 alone (0.70 s forward only).
+    lora_targets: str = LORA_TARGETS
     n_tokens: int = 4
     head_hidden: int = 256
     val_fraction: float = 0.2
@@ -427,6 +432,7 @@ class Trainer:
             from .adapters import lora_encoder
 
             self.encoder_peft = lora_encoder(self.backbone.image_encoder, rank=self.cfg.lora_rank,
+                                             targets=self.cfg.lora_targets,
                                              alpha=self.cfg.lora_alpha)
             self.backbone.image_encoder = self.encoder_peft
         # text inputs: every phrase of every label (training samples synonyms)
