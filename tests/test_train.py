@@ -555,6 +555,21 @@ def test_lora_adapter_trained_on_cpu_carries_the_encoder_and_round_trips(setup, 
     assert validate(p, val_items, ("heart",))["dice"] == meta["validation"]["dice"]
 
 
+def test_lora_targets_choose_the_adapted_encoder_layers(setup):
+    """``lora_targets`` narrows LoRA to some layers (a shorter backward on slow CPUs); the default adapts every
+    attention qkv / proj and never the patch embedding."""
+    def adapted(cfg):
+        trainer = Trainer(setup["backbone"], setup["encoder"], ("heart",), cfg)
+        return {n.split(".lora_A")[0] for n, _ in trainer.encoder_peft.named_parameters() if ".lora_A" in n}
+
+    default = adapted(TrainConfig(mode="lora", device="cpu", amp=False))
+    assert len(default) == 20 and all(n.endswith(("attn.qkv", "attn.proj")) for n in default)
+    assert {n.split("layers.")[1][0] for n in default} == {"1", "2", "3"}
+    late = adapted(TrainConfig(mode="lora", device="cpu", amp=False,
+                               lora_targets=r".*layers\.3\..*\.attn\.(qkv|proj)$"))
+    assert late == {n for n in default if ".layers.3." in n} and len(late) == 4
+
+
 def test_lora_training_keeps_the_encoders_batchnorm_statistics(setup):
     """LoRA trains attention weights only: the frozen encoder's BatchNorm running statistics must not follow
     the training batches (they did when the encoder was put in train mode)."""

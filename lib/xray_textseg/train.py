@@ -682,7 +682,8 @@ class Trainer:
                 examples = cached_train if cached_train is not None else \
                     self._examples(train_items, priors, rng, train=True)
                 losses = []
-                for batch in self._batches(examples, rng):
+                batches = self._batches(examples, rng)
+                for batch in batches:
                     opt.zero_grad(set_to_none=True)
                     loss = self._backward(batch, rng, loss_fn, box_jitter=0.03 if cached_train else 0.0)
                     torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], 1.0)
@@ -712,7 +713,7 @@ class Trainer:
                 logger.info("epoch %d/%d loss %.4f val Dice %.4f%s (%.1f s)", epoch, cfg.epochs, row["loss"], mean,
                             " *" if improved else "", row["seconds"])
                 if epoch == 1:
-                    self._check_budget(t_loop - t_start, row["seconds"] * steps_per_epoch / max(1, len(losses)))
+                    self._check_budget(t_loop - t_start, row["seconds"] * len(batches) / max(1, len(losses)))
                 if val and stale >= cfg.patience:
                     result.stopped = "early stop"
                     break
