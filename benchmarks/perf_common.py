@@ -16,30 +16,18 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "lib"))
 
-
-def _cpuinfo() -> dict[str, str]:
-    """The first processor's fields of /proc/cpuinfo (empty where there is none)."""
-    fields: dict[str, str] = {}
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if not line.strip():
-                break
-            key, _, value = line.partition(":")
-            fields.setdefault(key.strip(), value.strip())
-    except OSError:
-        pass
-    return fields
+from xray_textseg.backbones import cpuinfo  # noqa: E402
 
 
 def cpu_model() -> str:
-    return _cpuinfo().get("model name") or platform.processor() or "unknown"
+    return cpuinfo().get("model name") or platform.processor() or "unknown"
 
 
 def cpu_generation() -> dict:
     """CPU family / model numbers and the vector units that matter for the encoder. A virtual machine's
     "model name" can hide the host generation: two "AMD EPYC" hosts measured 2.4x apart here (see
     docs/performance.md)."""
-    fields = _cpuinfo()
+    fields = cpuinfo()
     if not fields:
         return {}
     wanted = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16")

@@ -48,7 +48,7 @@ import torch
 import torch.nn.functional as F
 
 from .adapters import LORA_TARGETS
-from .backbones import Backbone, cpu_has_bf16, encode_batch_size
+from .backbones import Backbone, cpu_has_bf16, cpuinfo, encode_batch_size
 from .io import Radiograph, load_mask, load_radiograph
 from .priors import ANCHORS, PriorBoxes
 from .text import PromptHead, TextEncoder, side_code
@@ -222,23 +222,16 @@ def _cpu_id() -> str:
     """The CPU as /proc/cpuinfo names it (model name, family, model number), or the platform's word for it."""
     import platform
 
-    fields = {}
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if not line.strip():
-                break
-            k, _, v = line.partition(":")
-            fields[k.strip()] = v.strip()
-    except OSError:
-        pass
-    return " / ".join(fields.get(k, "") for k in ("model name", "cpu family", "model")) or platform.processor()
+    fields = cpuinfo()
+    return " / ".join(fields.get(k, "") for k in ("model name", "cpu family", "model")) if fields else \
+        platform.processor()
 
 
 def lora_step_precision(encoder: torch.nn.Module, size: int, repeats: int = 2) -> dict:
     """Whether an encoder-LoRA training step (forward + backward, one ``size`` x ``size`` input) is faster in bf16
     autocast or in fp32 on this CPU: measured, not assumed from the instruction set. On a Zen 5 host bf16 took 0.6-1.1 s
     per LiteMedSAM input against ~3 s in fp32; on an Intel Xeon (family 6, model 207: AVX-512 BF16 without AMX) bf16
-    took 1.55 s against 1.25 s in fp32 (docs/performance.md). Returns ``{"bf16": bool, "bf16_s", "fp32_s",
+    took 1.52 s against 1.25 s in fp32 (docs/performance.md). Returns ``{"bf16": bool, "bf16_s", "fp32_s",
     "measured"}``; CPUs without native bf16 get fp32 unmeasured. The answer is kept per CPU, torch version, thread count
     and input size in ``default_cache_dir()/lora_precision.json``, so a machine measures once (~10 s on 2 cores).
     Torch's random state, the encoder's gradients and its BatchNorm statistics are left as they were."""

@@ -9,6 +9,16 @@ from dataclasses import dataclass, fields
 CHOICES = {"train_mode": ("auto", "lora", "cached"), "train_coarse_prior": ("median", "auto", "envelope")}
 
 
+def parse_bool(raw, what: str) -> bool:
+    """true/false, 1/0, yes/no (any case) or a bool; anything else is a ValueError naming ``what``."""
+    if isinstance(raw, bool):
+        return raw
+    text = str(raw).strip().lower()
+    if text not in ("true", "false", "1", "0", "yes", "no"):
+        raise ValueError(f"{what} {raw!r}: expected true or false")
+    return text in ("true", "1", "yes")
+
+
 @dataclass(frozen=True)
 class AppOptions:
     backbone: str = "litemedsam"  # litemedsam | medsam_vit_b | sam_vit_b
@@ -60,9 +70,7 @@ class AppOptions:
                 continue
             raw = str(conf[f.name]).strip()
             if f.type == "bool":
-                if raw.lower() not in ("true", "false", "1", "0", "yes", "no"):
-                    raise ValueError(f"--conf {f.name} {raw!r}: expected true or false")
-                values[f.name] = raw.lower() in ("true", "1", "yes")
+                values[f.name] = parse_bool(raw, f"--conf {f.name}")
             elif f.type == "int":
                 try:
                     values[f.name] = int(raw)

@@ -26,7 +26,7 @@ from xray_textseg.train import TrainConfig, TrainItem, split_items, train_adapte
 from xray_textseg.vocabulary import UnknownLabelError, parse_label
 
 from .infers import LABEL_VALUES
-from .options import CHOICES
+from .options import CHOICES, parse_bool
 
 logger = logging.getLogger(__name__)
 
@@ -119,8 +119,7 @@ class AdapterTrainer(TrainTask):
         if conf["coarse_prior"] not in CHOICES["train_coarse_prior"]:
             raise ValueError(f"train config coarse_prior {conf['coarse_prior']!r}: use one of "
                              f"{', '.join(CHOICES['train_coarse_prior'])}")
-        mid_view = conf["mid_view"] if isinstance(conf["mid_view"], bool) else \
-            str(conf["mid_view"]).strip().lower() in ("true", "1", "yes")
+        mid_view = parse_bool(conf["mid_view"], "train config mid_view")
         removed = self.store.cleanup_partial()
         if removed:
             logger.info("removed debris of an interrupted run: %s", removed)
