@@ -9,6 +9,13 @@ from dataclasses import dataclass, fields
 CHOICES = {"train_mode": ("auto", "lora", "cached"), "train_coarse_prior": ("median", "auto", "envelope")}
 
 
+def check_choice(value, option: str, what: str) -> str:
+    """``value`` if it is one of ``CHOICES[option]``, else a ValueError naming ``what`` and the allowed values."""
+    if value not in CHOICES[option]:
+        raise ValueError(f"{what} {value!r}: use one of {', '.join(CHOICES[option])}")
+    return value
+
+
 def parse_bool(raw, what: str) -> bool:
     """true/false, 1/0, yes/no (any case) or a bool; anything else is a ValueError naming ``what``."""
     if isinstance(raw, bool):
@@ -42,9 +49,8 @@ class AppOptions:
     train_mid_view: bool = False  # find enveloped labels (clavicles with coarse prior auto) on a crop of their region
 
     def __post_init__(self) -> None:
-        for name, allowed in CHOICES.items():
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"--conf {name} {getattr(self, name)!r}: use one of {', '.join(allowed)}")
+        for name in CHOICES:
+            check_choice(getattr(self, name), name, f"--conf {name}")
 
     @property
     def retrain_seconds(self) -> int:

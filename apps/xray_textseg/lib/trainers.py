@@ -26,7 +26,7 @@ from xray_textseg.train import TrainConfig, TrainItem, split_items, train_adapte
 from xray_textseg.vocabulary import UnknownLabelError, parse_label
 
 from .infers import LABEL_VALUES
-from .options import CHOICES, parse_bool
+from .options import check_choice, parse_bool
 
 logger = logging.getLogger(__name__)
 
@@ -116,9 +116,7 @@ class AdapterTrainer(TrainTask):
     def __call__(self, request: dict[str, Any], datastore: Datastore) -> dict[str, Any]:
         t0 = time.time()
         conf = {**self.config(), **{k: v for k, v in request.items() if k in self.config()}}
-        if conf["coarse_prior"] not in CHOICES["train_coarse_prior"]:
-            raise ValueError(f"train config coarse_prior {conf['coarse_prior']!r}: use one of "
-                             f"{', '.join(CHOICES['train_coarse_prior'])}")
+        check_choice(conf["coarse_prior"], "train_coarse_prior", "train config coarse_prior")
         mid_view = parse_bool(conf["mid_view"], "train config mid_view")
         removed = self.store.cleanup_partial()
         if removed:
