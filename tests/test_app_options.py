@@ -31,6 +31,7 @@ def test_defaults_and_parsing():
     ({"train_mode": "fast"}, "train_mode.*auto, lora, cached"),
     ({"train_coarse_prior": "mean"}, "train_coarse_prior.*median, auto, envelope"),
     ({"train_mid_view": "perhaps"}, "train_mid_view"),
+    ({"train_fine_sampling": "hard"}, "train_fine_sampling.*uniform, error"),
 ])
 def test_bad_values_name_the_option(conf, match):
     with pytest.raises(ValueError, match=match):

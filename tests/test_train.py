@@ -15,8 +15,8 @@ from xray_textseg.predictor import Predictor
 from xray_textseg.text import TextEncoder
 from xray_textseg.priors import PriorBoxes
 from xray_textseg.train import (TrainConfig, Trainer, TrainingStopped, _shift_box, auto_mode, cached_variants_for,
-                                choose_coarse_grow, fit_priors, load_folder, retune_adapter, share_groups,
-                                train_adapter, validate)
+                                choose_coarse_grow, fine_weights, fit_priors, load_folder, retune_adapter,
+                                share_groups, train_adapter, validate)
 from xray_textseg.transforms import mask_box
 
 LABELS = ("left_lung", "heart")
@@ -531,6 +531,31 @@ def test_lora_mode_batches_a_films_coarse_examples_together_and_trains_the_encod
     lora_b = [p for n, p in trainer.encoder_peft.named_parameters() if "lora_B" in n]
     assert lora_b and all(p.grad is not None for p in lora_b) and any(p.grad.abs().sum() > 0 for p in lora_b)
     assert setup["backbone"].image_encoder is not trainer.backbone.image_encoder  # the caller's encoder untouched
+
+
+def test_error_weighted_fine_sampling_gives_labels_still_learning_more_crops_at_the_same_cost(setup):
+    """``fine_sampling="error"``: fine crops shared out by validation error, each label keeping its floor; the
+    expected number of crops (the epoch's cost) unchanged; without weights one crop per label and film."""
+    w = fine_weights({"left_lung": 0.97, "heart": 0.90, "left_clavicle": 0.60}, floor=0.25)
+    assert sum(w.values()) == pytest.approx(3.0)
+    assert w["left_clavicle"] > 1.5 > 1.0 > w["heart"] > w["left_lung"] >= 0.25
+    assert fine_weights({"a": 0.8, "b": 0.8}, 0.25) == pytest.approx({"a": 1.0, "b": 1.0})
+    assert fine_weights({"a": 1.0, "b": 1.0}, 0.25) == {"a": 1.0, "b": 1.0}  # no error anywhere: uniform
+
+    trainer = Trainer(setup["backbone"], setup["encoder"], LABELS, TrainConfig(mode="lora", device="cpu", amp=False))
+    items = setup["items"][:2] * 20  # 40 films: counts near their expectation
+    priors = fit_priors(items, LABELS)
+
+    def fine_counts(weights):
+        ex = trainer._examples(items, priors, np.random.default_rng(0), train=True, fine_weights=weights)
+        assert sorted(e.label for e in ex if e.kind == "coarse") == sorted(LABELS * len(items))  # coarse: unchanged
+        return {lab: sum(e.kind == "fine" and e.label == lab for e in ex) for lab in LABELS}
+
+    assert fine_counts(None) == {lab: len(items) for lab in LABELS}
+    counts = fine_counts({"left_lung": 0.4, "heart": 1.6})
+    assert 8 <= counts["left_lung"] <= 24 and 56 <= counts["heart"] <= 72
+    with pytest.raises(ValueError, match="fine_sampling"):
+        Trainer(setup["backbone"], setup["encoder"], LABELS, TrainConfig(mode="lora", fine_sampling="hard"))
 
 
 def test_lora_adapter_trained_on_cpu_carries_the_encoder_and_round_trips(setup, tmp_path):

@@ -164,7 +164,8 @@ def cmd_train(args) -> int:
         raise ValueError(f"no labelled images for {','.join(labels)} in {args.data}")
     cfg = TrainConfig(mode=args.mode, epochs=args.epochs, seed=args.seed, device=args.device,
                       val_fraction=args.val_fraction, time_budget_s=args.time_budget * 60 if args.time_budget else None,
-                      batch_size=args.batch_size, coarse_prior=args.coarse_prior, mid_view=args.mid_view)
+                      batch_size=args.batch_size, coarse_prior=args.coarse_prior, mid_view=args.mid_view,
+                      fine_sampling=args.fine_sampling)
     backbone = build_backbone(args.backbone, args.checkpoint, device=resolve_device(args.device))
     enable_default_onnxruntime(backbone)  # the cached-mode training encodes use it too
     encoder = TextEncoder(args.text_encoder, device=backbone.device)
@@ -240,6 +241,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mid-view", action="store_true",
                    help="find the enveloped labels on one crop of their region (the upper chest for the clavicles) "
                         "instead of the whole film: one more encode per film")
+    p.add_argument("--fine-sampling", default="uniform", choices=["uniform", "error"],
+                   help="lora mode: fine crops per label and epoch, one each (uniform) or shared out by the last "
+                        "validation error, so labels still learning get more (error)")
     p.add_argument("--seed", type=int, default=0)
     _add_model_options(p)
     p.set_defaults(func=cmd_train)

@@ -120,6 +120,12 @@ class TrainConfig:
     # coarse_prior "auto" on JSRT (k=30, LoRA, 6 epochs, two splits) right clavicle 0.872 vs 0.825, left 0.739 vs
     # 0.729 (two complete failures on split 0), heart and lungs unchanged: a lead, not yet a result (docs/results.md).
     mid_view: bool = False
+    # lora mode draws each epoch's fine crops anew: "uniform" gives every label one crop per film and epoch;
+    # "error" shares the same number of crops out by the last validation's error per label (1 - Dice), each label
+    # keeping at least ``fine_floor`` of its uniform share, so labels still learning (the clavicles) get more of the
+    # encodes than labels already fitted (the lungs). The first epoch is uniform.
+    fine_sampling: str = "uniform"
+    fine_floor: float = 0.25
     augment: bool = True
 
 
@@ -407,6 +413,8 @@ class Trainer:
         self.mode = self.cfg.mode if self.cfg.mode != "auto" else auto_mode(self.device)
         if self.mode not in ("lora", "cached"):
             raise ValueError(f"unknown training mode {self.cfg.mode!r}; use auto, lora or cached")
+        if self.cfg.fine_sampling not in ("uniform", "error"):
+            raise ValueError(f"unknown fine_sampling {self.cfg.fine_sampling!r}; use uniform or error")
         # a private copy: the caller's backbone (serving predictions) is never modified
         self.backbone = copy.deepcopy(backbone).to(self.device)
         self.text_encoder = text_encoder
@@ -445,10 +453,12 @@ class Trainer:
 
     # --- examples ---
     def _examples(self, items: list[TrainItem], priors: PriorBoxes, rng: np.random.Generator, train: bool,
-                  variants: int = 1) -> list[Example]:
+                  variants: int = 1, fine_weights: dict[str, float] | None = None) -> list[Example]:
         """Coarse examples of one image share one augmentation (same seed) and so one input and, in
         cached mode, one encode; so do its mid examples (``TrainConfig.mid_view``: labels with an envelope prompt,
-        on one jittered crop of their region). Fine examples each get their own crop and augmentation."""
+        on one jittered crop of their region). Fine examples each get their own crop and augmentation: one per
+        label and film, or with ``fine_weights`` (expected crops per film, see :func:`fine_weights`) that many on
+        average, rounded at random from a generator of their own."""
         mid = priors.mid_labels(self.labels) if self.cfg.mid_view else []
         out = []
         for i, it in enumerate(items):
@@ -460,10 +470,15 @@ class Trainer:
                     if train:
                         region = _jitter_box(region, np.random.default_rng([coarse_seed, 1]), -0.05, 0.05,
                                              it.image.shape)
+                draws = np.random.default_rng([coarse_seed, 3])
                 for lab in it.labels:
                     if lab not in self.labels:
                         continue
-                    for kind in ("mid" if lab in mid else "coarse", "fine"):
+                    n_fine = 1
+                    if fine_weights is not None:
+                        w = fine_weights.get(lab, 1.0)
+                        n_fine = int(w) + int(draws.random() < w - int(w))
+                    for kind in ("mid" if lab in mid else "coarse",) + ("fine",) * n_fine:
                         ex = draw_example(it, lab, kind, rng, priors, self.backbone, self.cfg, self.res, train=train,
                                           region=region)
                         if train and self.cfg.augment:
@@ -672,8 +687,11 @@ class Trainer:
                 # their running statistics with those of 1-16 crops per step (LoRA in train mode on JSRT: validation
                 # lungs 0.97 -> 0.70); LoRA dropout is 0
                 self.backbone.image_encoder.eval()
+                weights = None
+                if cfg.fine_sampling == "error" and result.history and result.history[-1]["val_dice"]:
+                    weights = fine_weights(result.history[-1]["val_dice"], cfg.fine_floor)
                 examples = cached_train if cached_train is not None else \
-                    self._examples(train_items, priors, rng, train=True)
+                    self._examples(train_items, priors, rng, train=True, fine_weights=weights)
                 losses = []
                 batches = self._batches(examples, rng)
                 for batch in batches:
@@ -699,6 +717,8 @@ class Trainer:
                        "steps": len(losses),
                        "val_dice": val_dice, "val_dice_mean": mean, "best": best, "seconds": time.perf_counter() - t_ep,
                        "mode": self.mode}
+                if weights is not None and cached_train is None:
+                    row["fine_weights"] = {k: round(v, 3) for k, v in weights.items()}
                 result.history.append(row)
                 result.epochs_run = epoch
                 self._log(row)
@@ -753,6 +773,17 @@ class Trainer:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "a") as f:
             f.write(json.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%S"), **row}) + "\n")
+
+
+def fine_weights(val_dice: dict[str, float], floor: float) -> dict[str, float]:
+    """Expected fine crops per film and epoch for each label (``TrainConfig.fine_sampling`` "error"): ``floor`` of
+    one crop for every label, the rest shared in proportion to its validation error (1 - Dice). They sum to the
+    number of labels, so an epoch costs what a uniform one does; equal errors give one crop each."""
+    err = {lab: max(0.0, 1.0 - float(d)) for lab, d in val_dice.items()}
+    n, total = len(err), sum(err.values())
+    if not n or total <= 0:
+        return {lab: 1.0 for lab in err}
+    return {lab: floor + (1.0 - floor) * n * e / total for lab, e in err.items()}
 
 
 def share_groups(examples: list[Example]) -> list[list[Example]]:
