@@ -23,6 +23,8 @@ def test_defaults_and_parsing():
     o = AppOptions.from_conf({"train_coarse_prior": "auto", "train_mid_view": "true"})
     assert o.train_coarse_prior == "auto" and o.train_mid_view is True
     assert AppOptions.from_conf({}).train_coarse_prior == "median" and not AppOptions.from_conf({}).train_mid_view
+    assert AppOptions.from_conf({}).train_fine_sampling == "error"
+    assert AppOptions.from_conf({"train_fine_sampling": "uniform"}).train_fine_sampling == "uniform"
 
 
 @pytest.mark.parametrize("conf, match", [

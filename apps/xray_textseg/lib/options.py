@@ -48,7 +48,7 @@ class AppOptions:
     train_cached_copies: int = 0  # cached mode: augmented copies encoded per film; 0 = auto (1-4, ~100 encodes)
     train_coarse_prior: str = "median"  # median | auto | envelope: the coarse prompt box per label (TrainConfig)
     train_mid_view: bool = False  # find enveloped labels (clavicles with coarse prior auto) on a crop of their region
-    train_fine_sampling: str = "uniform"  # uniform | error: fine crops per label by validation error
+    train_fine_sampling: str = "error"  # uniform | error: fine crops per label by validation error
 
     def __post_init__(self) -> None:
         for name in CHOICES:
