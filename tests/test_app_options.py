@@ -23,8 +23,6 @@ def test_defaults_and_parsing():
     o = AppOptions.from_conf({"train_coarse_prior": "auto", "train_mid_view": "true"})
     assert o.train_coarse_prior == "auto" and o.train_mid_view is True
     assert AppOptions.from_conf({}).train_coarse_prior == "median" and not AppOptions.from_conf({}).train_mid_view
-    assert AppOptions.from_conf({}).train_fine_sampling == "error"
-    assert AppOptions.from_conf({"train_fine_sampling": "uniform"}).train_fine_sampling == "uniform"
 
 
 @pytest.mark.parametrize("conf, match", [
@@ -33,7 +31,6 @@ def test_defaults_and_parsing():
     ({"train_mode": "fast"}, "train_mode.*auto, lora, cached"),
     ({"train_coarse_prior": "mean"}, "train_coarse_prior.*median, auto, envelope"),
     ({"train_mid_view": "perhaps"}, "train_mid_view"),
-    ({"train_fine_sampling": "hard"}, "train_fine_sampling.*uniform, error"),
 ])
 def test_bad_values_name_the_option(conf, match):
     with pytest.raises(ValueError, match=match):

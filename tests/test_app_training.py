@@ -119,11 +119,9 @@ def test_stopping_a_run_keeps_the_current_adapter(server):
     _, params = infer_dice(server, HELD_OUT[0])
     assert params["adapter"] == "v0001"
     # the next run after the kill trains, validates and decides normally; its request's training options (here the
-    # envelope prompt boxes, the mid view and uniform fine crops, not the defaults) reach the trainer and the
-    # adapter's metadata
+    # envelope prompt boxes and the mid view, off by default) reach the trainer and the adapter's metadata
     r = server.client.post("/train/xray_textseg_train", json={"epochs": 2, "trigger": "after kill",
-                                                             "coarse_prior": "envelope", "mid_view": True,
-                                                             "fine_sampling": "uniform"})
+                                                             "coarse_prior": "envelope", "mid_view": True})
     assert r.status_code == 200, r.text
     deadline = time.time() + 900
     while time.time() < deadline:
@@ -135,9 +133,8 @@ def test_stopping_a_run_keeps_the_current_adapter(server):
     current = json.loads((root / "current.json").read_text())["current"]
     assert current == (stats["version"] if stats["promoted"] else "v0001")
     assert (root / current / "metadata.json").is_file()
-    for version, prior, mid, fine in ((stats["version"], "envelope", True, "uniform"),
-                                      ("v0001", "median", False, "error")):
+    for version, prior, mid in ((stats["version"], "envelope", True), ("v0001", "median", False)):
         trained = json.loads((root / version / "metadata.json").read_text())["training"]["config"]
         kinds = json.loads((root / version / "priors.json").read_text())["kind"]
-        assert trained["coarse_prior"] == prior and trained["mid_view"] is mid and trained["fine_sampling"] == fine
+        assert trained["coarse_prior"] == prior and trained["mid_view"] is mid
         assert kinds == {lab: prior for lab in LABELS}

@@ -241,7 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mid-view", action="store_true",
                    help="find the enveloped labels on one crop of their region (the upper chest for the clavicles) "
                         "instead of the whole film: one more encode per film")
-    p.add_argument("--fine-sampling", default="error", choices=["uniform", "error"],
+    p.add_argument("--fine-sampling", default="uniform", choices=["uniform", "error"],
                    help="lora mode: fine crops per label and epoch, one each (uniform) or shared out by the last "
                         "validation error, so labels still learning get more (error)")
     p.add_argument("--seed", type=int, default=0)

@@ -6,8 +6,7 @@ from dataclasses import dataclass, fields
 
 
 # options with a fixed set of values, checked when the server starts
-CHOICES = {"train_mode": ("auto", "lora", "cached"), "train_coarse_prior": ("median", "auto", "envelope"),
-           "train_fine_sampling": ("uniform", "error")}
+CHOICES = {"train_mode": ("auto", "lora", "cached"), "train_coarse_prior": ("median", "auto", "envelope")}
 
 
 def check_choice(value, option: str, what: str) -> str:
@@ -48,7 +47,6 @@ class AppOptions:
     train_cached_copies: int = 0  # cached mode: augmented copies encoded per film; 0 = auto (1-4, ~100 encodes)
     train_coarse_prior: str = "median"  # median | auto | envelope: the coarse prompt box per label (TrainConfig)
     train_mid_view: bool = False  # find enveloped labels (clavicles with coarse prior auto) on a crop of their region
-    train_fine_sampling: str = "error"  # uniform | error: fine crops per label by validation error
 
     def __post_init__(self) -> None:
         for name in CHOICES:

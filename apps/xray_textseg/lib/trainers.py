@@ -94,7 +94,7 @@ class AdapterTrainer(TrainTask):
         o = self.app.options
         return {"epochs": o.train_epochs, "mode": o.train_mode, "time_budget_min": float(o.train_time_budget_min),
                 "cached_copies": o.train_cached_copies, "coarse_prior": o.train_coarse_prior,
-                "mid_view": o.train_mid_view, "fine_sampling": o.train_fine_sampling, "val_fraction": 0.2, "seed": 0}
+                "mid_view": o.train_mid_view, "val_fraction": 0.2, "seed": 0}
 
     def stats(self) -> dict[str, Any]:
         path = self.store.root / STATS_FILE
@@ -118,7 +118,6 @@ class AdapterTrainer(TrainTask):
         conf = {**self.config(), **{k: v for k, v in request.items() if k in self.config()}}
         check_choice(conf["coarse_prior"], "train_coarse_prior", "train config coarse_prior")
         mid_view = parse_bool(conf["mid_view"], "train config mid_view")
-        check_choice(conf["fine_sampling"], "train_fine_sampling", "train config fine_sampling")
         removed = self.store.cleanup_partial()
         if removed:
             logger.info("removed debris of an interrupted run: %s", removed)
@@ -132,7 +131,7 @@ class AdapterTrainer(TrainTask):
                           val_fraction=float(conf["val_fraction"]), device=self.app.options.device,
                           time_budget_s=float(conf["time_budget_min"]) * 60 or None, patience=8,
                           cached_variants=int(conf["cached_copies"]), coarse_prior=str(conf["coarse_prior"]),
-                          mid_view=mid_view, fine_sampling=str(conf["fine_sampling"]))
+                          mid_view=mid_view)
         train_items, val_items = split_items(items, cfg.val_fraction, cfg.seed, cfg.min_val_images)
         version_path = self.store.new_version_path()
         stats = {"status": "running", "version": version_path.name, "epoch": 0, "total_epochs": cfg.epochs,
