@@ -558,6 +558,28 @@ def test_error_weighted_fine_sampling_gives_labels_still_learning_more_crops_at_
         Trainer(setup["backbone"], setup["encoder"], LABELS, TrainConfig(mode="lora", fine_sampling="hard"))
 
 
+def test_the_seed_alone_decides_a_training_run(setup):
+    """Deterministic seeds: two LoRA runs with the same seed, the process's random stream drawn from in between
+    (the new head's and LoRA's weights once followed it), give the same losses and weights; the caller's random
+    stream is not reset by building a trainer."""
+    items = setup["items"][:3]
+    priors = fit_priors(items[:2], ("heart",))
+    runs = []
+    for _ in range(2):
+        torch.rand(7)
+        before = torch.get_rng_state()
+        cfg = TrainConfig(mode="lora", epochs=1, batch_size=4, seed=3, device="cpu", warmup_steps=1)
+        trainer = Trainer(setup["backbone"], setup["encoder"], ("heart",), cfg)
+        assert torch.equal(torch.get_rng_state(), before)
+        result = trainer.fit(items[:2], items[2:], priors)
+        runs.append((result.history[0]["loss"], result.history[0]["val_dice"], trainer._state()))
+    (loss_a, val_a, state_a), (loss_b, val_b, state_b) = runs
+    assert loss_a == loss_b and val_a == val_b
+    for part in ("head", "decoder", "lora"):
+        assert state_a[part].keys() == state_b[part].keys()
+        assert all(torch.equal(state_a[part][k], state_b[part][k]) for k in state_a[part]), part
+
+
 def test_lora_adapter_trained_on_cpu_carries_the_encoder_and_round_trips(setup, tmp_path):
     from xray_textseg.backbones import cpu_has_bf16
 

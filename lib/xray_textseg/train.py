@@ -426,19 +426,23 @@ class Trainer:
         self.should_stop = should_stop or (lambda: False)
         self.log_path = Path(log_path) if log_path else None
         self.res = 256  # decoder output grid of both backbones
-        self.head = PromptHead(text_encoder.dim, n_tokens=self.cfg.n_tokens, hidden=self.cfg.head_hidden).to(self.device)
         self.encoder_peft = None
         for p in self.backbone.parameters():
             p.requires_grad_(False)
         for p in self.backbone.mask_decoder.parameters():
             p.requires_grad_(True)
-        if self.mode == "lora":
-            from .adapters import lora_encoder
+        # the new weights (head, LoRA) come from the seed alone, whatever the process drew before; the caller's
+        # random stream is left as it was
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.cfg.seed)
+            self.head = PromptHead(text_encoder.dim, n_tokens=self.cfg.n_tokens,
+                                   hidden=self.cfg.head_hidden).to(self.device)
+            if self.mode == "lora":
+                from .adapters import lora_encoder
 
-            self.encoder_peft = lora_encoder(self.backbone.image_encoder, rank=self.cfg.lora_rank,
-                                             targets=self.cfg.lora_targets,
-                                             alpha=self.cfg.lora_alpha)
-            self.backbone.image_encoder = self.encoder_peft
+                self.encoder_peft = lora_encoder(self.backbone.image_encoder, rank=self.cfg.lora_rank,
+                                                 targets=self.cfg.lora_targets, alpha=self.cfg.lora_alpha)
+                self.backbone.image_encoder = self.encoder_peft
         # text inputs: every phrase of every label (training samples synonyms)
         self.phrases = {lab: label_phrases(lab) for lab in labels}
         all_phrases = [p for ps in self.phrases.values() for p in ps]
