@@ -477,12 +477,12 @@ class Trainer:
                     if train:
                         region = _jitter_box(region, np.random.default_rng([coarse_seed, 1]), -0.05, 0.05,
                                              it.image.shape)
-                draws = np.random.default_rng([coarse_seed, 3])
+                draws = np.random.default_rng([coarse_seed, 3]) if fine_weights is not None else None
                 for lab in it.labels:
                     if lab not in self.labels:
                         continue
                     n_fine = 1
-                    if fine_weights is not None:
+                    if draws is not None:
                         w = fine_weights.get(lab, 1.0)
                         n_fine = int(w) + int(draws.random() < w - int(w))
                     for kind in ("mid" if lab in mid else "coarse",) + ("fine",) * n_fine:
@@ -694,8 +694,9 @@ class Trainer:
                 # their running statistics with those of 1-16 crops per step (LoRA in train mode on JSRT: validation
                 # lungs 0.97 -> 0.70); LoRA dropout is 0
                 self.backbone.image_encoder.eval()
-                weights = None
-                if cfg.fine_sampling == "error" and result.history and result.history[-1]["val_dice"]:
+                weights = None  # cached mode trains on its fixed examples
+                if cfg.fine_sampling == "error" and cached_train is None and result.history \
+                        and result.history[-1]["val_dice"]:
                     weights = fine_weights(result.history[-1]["val_dice"], cfg.fine_floor)
                 examples = cached_train if cached_train is not None else \
                     self._examples(train_items, priors, rng, train=True, fine_weights=weights)
@@ -724,7 +725,7 @@ class Trainer:
                        "steps": len(losses),
                        "val_dice": val_dice, "val_dice_mean": mean, "best": best, "seconds": time.perf_counter() - t_ep,
                        "mode": self.mode}
-                if weights is not None and cached_train is None:
+                if weights is not None:
                     row["fine_weights"] = {k: round(v, 3) for k, v in weights.items()}
                 result.history.append(row)
                 result.epochs_run = epoch
