@@ -23,6 +23,8 @@ def test_defaults_and_parsing():
     o = AppOptions.from_conf({"train_coarse_prior": "auto", "train_mid_view": "true"})
     assert o.train_coarse_prior == "auto" and o.train_mid_view is True
     assert AppOptions.from_conf({}).train_coarse_prior == "median" and not AppOptions.from_conf({}).train_mid_view
+    assert AppOptions.from_conf({}).train_warm_start is True
+    assert AppOptions.from_conf({"train_warm_start": "false"}).train_warm_start is False
 
 
 @pytest.mark.parametrize("conf, match", [
@@ -31,6 +33,7 @@ def test_defaults_and_parsing():
     ({"train_mode": "fast"}, "train_mode.*auto, lora, cached"),
     ({"train_coarse_prior": "mean"}, "train_coarse_prior.*median, auto, envelope"),
     ({"train_mid_view": "perhaps"}, "train_mid_view"),
+    ({"train_warm_start": "sometimes"}, "train_warm_start"),
 ])
 def test_bad_values_name_the_option(conf, match):
     with pytest.raises(ValueError, match=match):

@@ -119,7 +119,8 @@ def test_stopping_a_run_keeps_the_current_adapter(server):
     _, params = infer_dice(server, HELD_OUT[0])
     assert params["adapter"] == "v0001"
     # the next run after the kill trains, validates and decides normally; its request's training options (here the
-    # envelope prompt boxes and the mid view, off by default) reach the trainer and the adapter's metadata
+    # envelope prompt boxes and the mid view, off by default) reach the trainer and the adapter's metadata; it starts
+    # from the current adapter's weights
     r = server.client.post("/train/xray_textseg_train", json={"epochs": 2, "trigger": "after kill",
                                                              "coarse_prior": "envelope", "mid_view": True})
     assert r.status_code == 200, r.text
@@ -133,6 +134,11 @@ def test_stopping_a_run_keeps_the_current_adapter(server):
     current = json.loads((root / "current.json").read_text())["current"]
     assert current == (stats["version"] if stats["promoted"] else "v0001")
     assert (root / current / "metadata.json").is_file()
+    # it continued from v0001 (warm start, the default), whose films kept their sides of the split
+    first, new = (json.loads((root / v / "metadata.json").read_text()) for v in ("v0001", stats["version"]))
+    assert stats["continued_from"] == new["continued_from"] == "v0001"
+    assert new["training"]["config"]["init_from"] == str(root / "v0001")
+    assert new["val_names"] == first["val_names"] and new["train_names"] == first["train_names"]
     for version, prior, mid in ((stats["version"], "envelope", True), ("v0001", "median", False)):
         trained = json.loads((root / version / "metadata.json").read_text())["training"]["config"]
         kinds = json.loads((root / version / "priors.json").read_text())["kind"]

@@ -15,8 +15,8 @@ from xray_textseg.predictor import Predictor
 from xray_textseg.text import TextEncoder
 from xray_textseg.priors import PriorBoxes
 from xray_textseg.train import (TrainConfig, Trainer, TrainingStopped, _shift_box, auto_mode, cached_variants_for,
-                                choose_coarse_grow, fine_weights, fit_priors, load_folder, retune_adapter,
-                                share_groups, train_adapter, validate)
+                                choose_coarse_grow, continue_problem, earlier_split, fine_weights, fit_priors,
+                                load_folder, retune_adapter, share_groups, train_adapter, validate)
 from xray_textseg.transforms import mask_box
 
 LABELS = ("left_lung", "heart")
@@ -632,3 +632,63 @@ def test_lora_training_keeps_the_encoders_batchnorm_statistics(setup):
     assert before and before.keys() == after.keys()
     assert all(torch.equal(before[n], after[n]) for n in before)
     assert not trainer.backbone.image_encoder.training
+
+
+def test_split_keeps_the_sides_an_earlier_adapter_gave_its_films(setup):
+    """Retraining on more films: the films an earlier adapter trained / validated on stay on their side, only the
+    new ones are shared out (validation topped up to its fraction), deterministically."""
+    from xray_textseg.train import split_items
+
+    more = load_folder(SAMPLE, LABELS, names=CASES + ["chest_004", "chest_005", "chest_006", "chest_007"])
+    meta = setup["meta"]  # trained on CASES: 3 training films, 1 validation film
+    keep = earlier_split(setup["path"])
+    assert sorted(h for h, side in keep.items() if side == "val") == meta["val_images"]
+    train, val = split_items(more, 0.25, 0, keep=keep)
+    assert set(meta["val_names"]) <= {it.name for it in val} and set(meta["train_names"]) <= {it.name for it in train}
+    assert len(val) == 2 and len(train) == 6 and not {it.name for it in val} & {it.name for it in train}
+    again = split_items(list(reversed(more)), 0.25, 0, keep=keep)
+    assert sorted(it.name for it in again[1]) == sorted(it.name for it in val)
+    # without an earlier adapter the split is the plain one (which may put its training films in validation)
+    plain = split_items(more, 0.25, 0)
+    assert len(plain[1]) == 2 and plain == split_items(more, 0.25, 0, keep={})
+
+
+def test_training_continues_from_an_adapter_with_its_weights_and_its_split(setup, tmp_path):
+    """init_from: the trainer starts from the adapter's head, decoder and encoder LoRA (not the base model's), the
+    earlier films keep their sides, the metadata names the adapter; shapes that do not fit are refused by name."""
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    items = load_folder(SAMPLE, ("heart",), names=CASES)
+    cfg = TrainConfig(mode="lora", epochs=1, batch_size=4, seed=0, device="cpu", val_fraction=0.34, warmup_steps=1)
+    first = train_adapter(items[:3], tmp_path / "v0001", backbone=setup["backbone"], text_encoder=setup["encoder"],
+                          labels=("heart",), cfg=cfg)
+    adapter = load_adapter(tmp_path / "v0001")
+    cont = TrainConfig(**{**cfg.__dict__, "init_from": str(tmp_path / "v0001")})
+    trainer = Trainer(setup["backbone"], setup["encoder"], ("heart",), cont)
+    head = trainer.head.state_dict()
+    assert all(torch.equal(head[k], v) for k, v in adapter.head_state.items())
+    decoder = trainer.backbone.mask_decoder.state_dict()
+    assert all(torch.equal(decoder[k], v.float()) for k, v in adapter.decoder_state.items())
+    lora, saved = get_peft_model_state_dict(trainer.encoder_peft), load_file(str(tmp_path / "v0001" /
+                                                                                 "adapter_model.safetensors"))
+    assert saved and lora.keys() == saved.keys() and all(torch.equal(lora[k], saved[k]) for k in saved)
+    assert any(v.abs().sum() > 0 for k, v in saved.items() if "lora_B" in k)  # trained, not the fresh zeros
+    fresh = Trainer(setup["backbone"], setup["encoder"], ("heart",), cfg)
+    assert not torch.equal(fresh.head.state_dict()["mlp.0.weight"], head["mlp.0.weight"])
+
+    meta = train_adapter(items, tmp_path / "v0002", backbone=setup["backbone"], text_encoder=setup["encoder"],
+                         labels=("heart",), cfg=cont)
+    assert meta["continued_from"] == "v0001" and meta["training"]["config"]["init_from"] == str(tmp_path / "v0001")
+    assert set(first["val_names"]) <= set(meta["val_names"]) and set(first["train_names"]) <= set(meta["train_names"])
+
+    for change, match in (({"n_tokens": 2}, "n_tokens is 4, this run's is 2"),
+                          ({"lora_rank": 4}, "LoRA r is 8, this run's is 4"),
+                          ({"mode": "cached"}, "cached mode")):
+        with pytest.raises(ValueError, match=match):
+            Trainer(setup["backbone"], setup["encoder"], ("heart",), TrainConfig(**{**cont.__dict__, **change}))
+    assert continue_problem(tmp_path / "nowhere", setup["backbone"], setup["encoder"], cfg).startswith("adapter not")
+    # an adapter without encoder LoRA (the cached fixture) starts a lora run: its head and decoder, new LoRA
+    cached = Trainer(setup["backbone"], setup["encoder"], LABELS,
+                     TrainConfig(**{**cfg.__dict__, "init_from": str(setup["path"])}))
+    assert torch.equal(cached.head.state_dict()["mlp.0.weight"], load_adapter(setup["path"]).head_state["mlp.0.weight"])

@@ -165,7 +165,7 @@ def cmd_train(args) -> int:
     cfg = TrainConfig(mode=args.mode, epochs=args.epochs, seed=args.seed, device=args.device,
                       val_fraction=args.val_fraction, time_budget_s=args.time_budget * 60 if args.time_budget else None,
                       batch_size=args.batch_size, coarse_prior=args.coarse_prior, mid_view=args.mid_view,
-                      fine_sampling=args.fine_sampling)
+                      fine_sampling=args.fine_sampling, init_from=args.init_from)
     backbone = build_backbone(args.backbone, args.checkpoint, device=resolve_device(args.device))
     enable_default_onnxruntime(backbone)  # the cached-mode training encodes use it too
     encoder = TextEncoder(args.text_encoder, device=backbone.device)
@@ -181,6 +181,7 @@ def cmd_train(args) -> int:
                       "coarse_prompt": meta.get("serving", {}).get("coarse_prompt"),
                       "coarse_prior": kinds,
                       "mid_view": [lab for lab, k in kinds.items() if k == "envelope"] if cfg.mid_view else [],
+                      "continued_from": meta.get("continued_from"),
                       "epochs_run": meta["training"]["epochs_run"], "stopped": meta["training"]["stopped"],
                       "seconds": round(time.perf_counter() - t0, 1), "size_bytes": meta["size_bytes"]}, indent=2))
     return 0
@@ -244,6 +245,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fine-sampling", default="uniform", choices=["uniform", "error"],
                    help="lora mode: fine crops per label and epoch, one each (uniform) or shared out by the last "
                         "validation error, so labels still learning get more (error)")
+    p.add_argument("--init-from", default=None, metavar="ADAPTER",
+                   help="continue from this adapter's weights (head, decoder, encoder LoRA) instead of the base "
+                        "model; its training and validation films keep their sides of the split")
     p.add_argument("--seed", type=int, default=0)
     _add_model_options(p)
     p.set_defaults(func=cmd_train)

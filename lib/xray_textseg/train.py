@@ -40,7 +40,7 @@ import shutil
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -129,6 +129,11 @@ class TrainConfig:
     # 2026-11-29, fifth session).
     fine_sampling: str = "uniform"
     fine_floor: float = 0.25
+    # continue from an earlier adapter (its directory) instead of the base weights: its prompt head, mask decoder
+    # and (lora mode) encoder LoRA are the starting weights, so training accumulates over retraining rounds, and its
+    # training / validation films keep their sides of the split (split_items). Backbone, text encoder, head and
+    # LoRA shapes must match (continue_problem says why not). None = from the base weights.
+    init_from: str | None = None
     augment: bool = True
 
 
@@ -186,16 +191,36 @@ def load_folder(data_dir: str | Path, labels: tuple[str, ...] | None = None,
     return items
 
 
-def split_items(items: list[TrainItem], val_fraction: float, seed: int,
-                min_val: int = 1) -> tuple[list[TrainItem], list[TrainItem]]:
-    """Deterministic split by image (never by structure: one image's labels stay on one side)."""
-    order = sorted(range(len(items)), key=lambda i: items[i].image.content_hash())
+def split_items(items: list[TrainItem], val_fraction: float, seed: int, min_val: int = 1,
+                keep: dict[str, str] | None = None) -> tuple[list[TrainItem], list[TrainItem]]:
+    """Deterministic split by image (never by structure: one image's labels stay on one side).
+
+    ``keep`` maps image content hashes to the side ("train" or "val") an earlier adapter put them on
+    (:func:`earlier_split`): those images stay there, and only the others are shared out, as many to validation
+    as bring it to ``val_fraction`` of all images. So a retrained adapter is never validated on a film the
+    adapter it continues from (or is compared with) trained on, and the validation films stay the same ones."""
+    keep = keep or {}
+    side = {i: keep.get(it.image.content_hash()) for i, it in enumerate(items)}
+    order = sorted((i for i in range(len(items)) if side[i] not in ("train", "val")),
+                   key=lambda i: items[i].image.content_hash())
     rng = random.Random(seed)
     rng.shuffle(order)
     n_val = max(min_val, round(val_fraction * len(items))) if len(items) > 1 else 0
-    val = [items[i] for i in order[:n_val]]
-    train = [items[i] for i in order[n_val:]]
+    kept_val = [it for i, it in enumerate(items) if side[i] == "val"]
+    n_new = max(0, n_val - len(kept_val))
+    val = kept_val + [items[i] for i in order[:n_new]]
+    train = [it for i, it in enumerate(items) if side[i] == "train"] + [items[i] for i in order[n_new:]]
     return train, val
+
+
+def earlier_split(adapter_dir: str | Path) -> dict[str, str]:
+    """The sides of the split the adapter in ``adapter_dir`` was trained with: image content hash -> "train" /
+    "val", from its metadata (empty when it has none)."""
+    try:
+        meta = json.loads((Path(adapter_dir) / "metadata.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return {**{h: "train" for h in meta.get("train_images", [])}, **{h: "val" for h in meta.get("val_images", [])}}
 
 
 def fit_priors(items: list[TrainItem], labels: tuple[str, ...], how: str = "median") -> PriorBoxes:
@@ -225,6 +250,47 @@ def auto_mode(device: torch.device) -> str:
     clavicles 0.73 / 0.82 against 0.53 / 0.63, femur 0.95 against 0.83, tibia 0.93 against 0.73;
     docs/results.md)."""
     return "lora" if device.type == "cuda" or cpu_has_bf16() else "cached"
+
+
+def resolved_mode(cfg: TrainConfig) -> str:
+    """The training mode ``cfg`` gives on this machine (``auto`` resolved)."""
+    from .backbones import resolve_device
+
+    return cfg.mode if cfg.mode != "auto" else auto_mode(resolve_device(cfg.device))
+
+
+def continue_problem(adapter_dir: str | Path, backbone: Backbone, text_encoder: TextEncoder,
+                     cfg: TrainConfig) -> str | None:
+    """Why a run with ``cfg`` cannot start from the adapter in ``adapter_dir`` (``TrainConfig.init_from``), or None
+    when it can: the adapter must be complete and made for the same backbone and text encoder, with the same prompt
+    head shape; one with encoder LoRA needs a lora-mode run with the same LoRA rank, alpha and target modules (an
+    adapter without LoRA can start a lora-mode run: its new LoRA starts as the identity)."""
+    from .adapters import AdapterError, load_adapter
+
+    try:
+        adapter = load_adapter(adapter_dir)
+    except AdapterError as exc:
+        return str(exc)
+    meta = adapter.metadata
+    wanted = {"backbone": backbone.name,
+              "backbone_checkpoint": os.path.basename(backbone.checkpoint or "random"),
+              "text_encoder": text_encoder.name, "text_dim": text_encoder.dim,
+              "n_tokens": cfg.n_tokens, "head_hidden": cfg.head_hidden}
+    for key, value in wanted.items():
+        if meta.get(key) != value:
+            return f"its {key} is {meta.get(key)!r}, this run's is {value!r}"
+    if adapter.has_lora:
+        if resolved_mode(cfg) != "lora":
+            return "it has encoder LoRA and this run trains in cached mode (a frozen encoder)"
+        try:
+            lora = json.loads((Path(adapter_dir) / "adapter_config.json").read_text())
+        except (OSError, ValueError) as exc:
+            return f"unreadable adapter_config.json ({exc})"
+        for key, value in (("r", cfg.lora_rank), ("lora_alpha", cfg.lora_alpha),
+                           ("target_modules", cfg.lora_targets)):
+            if lora.get(key) != value:
+                return f"its LoRA {key} is {lora.get(key)!r}, this run's is {value!r}"
+    return None
 
 
 def _cpu_id() -> str:
@@ -443,6 +509,8 @@ class Trainer:
                 self.encoder_peft = lora_encoder(self.backbone.image_encoder, rank=self.cfg.lora_rank,
                                                  targets=self.cfg.lora_targets, alpha=self.cfg.lora_alpha)
                 self.backbone.image_encoder = self.encoder_peft
+        if self.cfg.init_from:
+            self._continue_from(Path(self.cfg.init_from), text_encoder)
         # text inputs: every phrase of every label (training samples synonyms)
         self.phrases = {lab: label_phrases(lab) for lab in labels}
         all_phrases = [p for ps in self.phrases.values() for p in ps]
@@ -523,6 +591,27 @@ class Trainer:
         emb = torch.stack([self.phrase_emb[p] for p in phrases]).to(self.device)
         sides = torch.stack([self.sides[e.label] for e in examples]).to(self.device)
         return emb, sides
+
+    def _continue_from(self, path: Path, text_encoder: TextEncoder) -> None:
+        """Start from the adapter at ``path``: its head, decoder and (if it has one) encoder LoRA weights."""
+        from .adapters import load_adapter
+
+        problem = continue_problem(path, self.backbone, text_encoder, replace(self.cfg, mode=self.mode))
+        if problem:
+            raise ValueError(f"cannot continue training from {path}: {problem}")
+        adapter = load_adapter(path)
+        self.head.load_state_dict(adapter.head_state)
+        self.backbone.mask_decoder.load_state_dict(adapter.decoder_state)  # float16 on disk, copied into float32
+        if adapter.has_lora:
+            from peft import set_peft_model_state_dict
+            from safetensors.torch import load_file
+
+            loaded = set_peft_model_state_dict(self.encoder_peft, load_file(str(path / "adapter_model.safetensors")))
+            if getattr(loaded, "unexpected_keys", None):
+                raise ValueError(f"cannot continue training from {path}: LoRA weights it does not fit "
+                                 f"({loaded.unexpected_keys[:3]})")
+        logger.info("continuing from adapter %s (%s)", path, "head, decoder and encoder LoRA" if adapter.has_lora
+                    else "head and decoder; new encoder LoRA" if self.mode == "lora" else "head and decoder")
 
     def _forward(self, batch: list[Example], rng: np.random.Generator | None, box_jitter: float = 0.0):
         if batch[0].emb is not None:
@@ -684,7 +773,8 @@ class Trainer:
             if val:
                 base = self._validate(val)
                 best = float(np.mean(list(base.values())))
-                logger.info("epoch 0 (untrained head): val Dice %.4f", best)
+                logger.info("epoch 0 (%s): val Dice %.4f",
+                            f"weights of {Path(cfg.init_from).name}" if cfg.init_from else "untrained head", best)
             t_loop = time.perf_counter()
             for epoch in range(1, cfg.epochs + 1):
                 t_ep = time.perf_counter()
@@ -822,7 +912,8 @@ def train_adapter(items: list[TrainItem], out_dir: str | Path, *, backbone: Back
 
     cfg = cfg or TrainConfig()
     if val_items is None:
-        train_items, val_items = split_items(items, cfg.val_fraction, cfg.seed, cfg.min_val_images)
+        keep = earlier_split(cfg.init_from) if cfg.init_from else None
+        train_items, val_items = split_items(items, cfg.val_fraction, cfg.seed, cfg.min_val_images, keep=keep)
     else:
         train_items = items
     if not train_items:
@@ -858,6 +949,7 @@ def train_adapter(items: list[TrainItem], out_dir: str | Path, *, backbone: Back
         "training": {"epochs_run": result.epochs_run, "best_epoch": result.best_epoch, "stopped": result.stopped,
                      "seconds": round(result.seconds, 1), "proxy_val_dice": result.best_val_dice,
                      "config": asdict(cfg)},
+        **({"continued_from": Path(cfg.init_from).name} if cfg.init_from else {}),
         **(extra_metadata or {}),
     }
     save_adapter(staging, head=trainer.head, decoder=trainer.backbone.mask_decoder,

@@ -47,6 +47,7 @@ class AppOptions:
     train_cached_copies: int = 0  # cached mode: augmented copies encoded per film; 0 = auto (1-4, ~100 encodes)
     train_coarse_prior: str = "median"  # median | auto | envelope: the coarse prompt box per label (TrainConfig)
     train_mid_view: bool = False  # find enveloped labels (clavicles with coarse prior auto) on a crop of their region
+    train_warm_start: bool = True  # continue each retraining from the current adapter's weights (else from the base)
 
     def __post_init__(self) -> None:
         for name in CHOICES:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,8 @@ from monailabel.utils.async_tasks.utils import processes
 
 from xray_textseg.adapters import AdapterStore
 from xray_textseg.io import load_mask, load_radiograph, write_atomic
-from xray_textseg.train import TrainConfig, TrainItem, split_items, train_adapter, validate
+from xray_textseg.train import (TrainConfig, TrainItem, continue_problem, earlier_split, split_items,
+                                 train_adapter, validate)
 from xray_textseg.vocabulary import UnknownLabelError, parse_label
 
 from .infers import LABEL_VALUES
@@ -94,7 +96,7 @@ class AdapterTrainer(TrainTask):
         o = self.app.options
         return {"epochs": o.train_epochs, "mode": o.train_mode, "time_budget_min": float(o.train_time_budget_min),
                 "cached_copies": o.train_cached_copies, "coarse_prior": o.train_coarse_prior,
-                "mid_view": o.train_mid_view, "val_fraction": 0.2, "seed": 0}
+                "mid_view": o.train_mid_view, "warm_start": o.train_warm_start, "val_fraction": 0.2, "seed": 0}
 
     def stats(self) -> dict[str, Any]:
         path = self.store.root / STATS_FILE
@@ -118,6 +120,7 @@ class AdapterTrainer(TrainTask):
         conf = {**self.config(), **{k: v for k, v in request.items() if k in self.config()}}
         check_choice(conf["coarse_prior"], "train_coarse_prior", "train config coarse_prior")
         mid_view = parse_bool(conf["mid_view"], "train config mid_view")
+        warm_start = parse_bool(conf["warm_start"], "train config warm_start")
         removed = self.store.cleanup_partial()
         if removed:
             logger.info("removed debris of an interrupted run: %s", removed)
@@ -132,13 +135,28 @@ class AdapterTrainer(TrainTask):
                           time_budget_s=float(conf["time_budget_min"]) * 60 or None, patience=8,
                           cached_variants=int(conf["cached_copies"]), coarse_prior=str(conf["coarse_prior"]),
                           mid_view=mid_view)
-        train_items, val_items = split_items(items, cfg.val_fraction, cfg.seed, cfg.min_val_images)
+        predictor = self.app.predictor
+        # the current adapter's films keep their sides of the split: the candidate (continuing from it or not) is
+        # never validated on a film the current one trained on, and both are compared on the same films
+        current = self.store.current_path()
+        train_items, val_items = split_items(items, cfg.val_fraction, cfg.seed, cfg.min_val_images,
+                                             keep=earlier_split(current) if current else None)
+        continued_from = None
+        if warm_start and current is not None:
+            problem = continue_problem(current, predictor.backbone, predictor.text_encoder, cfg)
+            if problem:
+                logger.warning("training from the base weights, not from %s: %s", current.name, problem)
+            else:
+                cfg = replace(cfg, init_from=str(current))
+                continued_from = current.name
         version_path = self.store.new_version_path()
         stats = {"status": "running", "version": version_path.name, "epoch": 0, "total_epochs": cfg.epochs,
                  "best_metric": 0.0, "train_images": len(train_items), "val_images": len(val_items),
+                 "continued_from": continued_from,
                  "trigger": request.get("trigger", "request"), "start_ts": time.strftime("%Y-%m-%d %H:%M:%S")}
         self._write_stats(stats)
-        logger.info("training %s on %d images (%d for validation)", version_path.name, len(items), len(val_items))
+        logger.info("training %s on %d images (%d for validation)%s", version_path.name, len(items), len(val_items),
+                    f", continuing from {continued_from}" if continued_from else "")
 
         def progress(info: dict) -> None:
             if info.get("event") == "epoch":
@@ -151,8 +169,7 @@ class AdapterTrainer(TrainTask):
                 stats.update(phase=info.get("phase"), done=info.get("done"), total=info.get("total"))
             self._write_stats(stats)
 
-        predictor = self.app.predictor
-        predictor.unload_adapter()  # train from the base weights, never on top of a loaded adapter
+        predictor.unload_adapter()  # the trainer copies the base model (and loads init_from's weights into its copy)
         meta = train_adapter(train_items, version_path, backbone=predictor.backbone,
                              text_encoder=predictor.text_encoder, labels=self.labels, cfg=cfg, val_items=val_items,
                              progress=progress, log_path=self.store.root / "logs" / f"{version_path.name}.jsonl",
@@ -161,8 +178,7 @@ class AdapterTrainer(TrainTask):
         cur_dice = None
         for current in self.store.fallback_order() if val_items else []:
             # the served adapter (the current one, or the newest loadable before it, as the infer task does)
-            # on the *same* validation images (it may have seen them in training: that only makes the gate
-            # stricter for the candidate)
+            # on the *same* validation images (none of which the current one trained on: the split keeps its sides)
             try:
                 predictor.load_adapter(self.store.path(current))
             except Exception as exc:  # noqa: BLE001 - a broken version sets no bar; the next one may
