@@ -132,7 +132,9 @@ class TrainConfig:
     # continue from an earlier adapter (its directory) instead of the base weights: its prompt head, mask decoder
     # and (lora mode) encoder LoRA are the starting weights, so training accumulates over retraining rounds, and its
     # training / validation films keep their sides of the split (split_items). Backbone, text encoder, head and
-    # LoRA shapes must match (continue_problem says why not). None = from the base weights.
+    # LoRA shapes must match (continue_problem says why not). None = from the base weights. On 2 Intel cores (fp32,
+    # 12-minute runs) JSRT k=20 then k=30 continued: heart 0.923, clavicles 0.826 / 0.805 against 0.910, 0.587 /
+    # 0.631 for k=30 from the base weights (two splits, docs/results.md 2026-11-29, sixth session).
     init_from: str | None = None
     augment: bool = True
 
