@@ -665,12 +665,15 @@ def test_training_continues_from_an_adapter_with_its_weights_and_its_split(setup
     cfg = TrainConfig(mode="lora", epochs=1, batch_size=4, seed=0, device="cpu", val_fraction=0.34, warmup_steps=1)
     first = train_adapter(items[:3], tmp_path / "v0001", backbone=setup["backbone"], text_encoder=setup["encoder"],
                           labels=("heart",), cfg=cfg)
-    # a copy whose LoRA differs from any fresh one (a 1-epoch run may keep its untrained epoch 0: LoRA B = 0)
+    # a copy whose head and LoRA differ from any fresh ones (a 1-epoch run may keep its untrained epoch 0)
     source = tmp_path / "source"
     shutil.copytree(tmp_path / "v0001", source)
+    noise = torch.Generator().manual_seed(1)
+    for name in ("adapter_model.safetensors", "head.safetensors"):
+        state = load_file(str(source / name))
+        save_file({k: v + 0.01 * torch.randn(v.shape, generator=noise) if v.is_floating_point() else v
+                   for k, v in state.items()}, str(source / name))
     saved = load_file(str(source / "adapter_model.safetensors"))
-    saved = {k: v + 0.01 * torch.randn(v.shape, generator=torch.Generator().manual_seed(1)) for k, v in saved.items()}
-    save_file(saved, str(source / "adapter_model.safetensors"))
     adapter = load_adapter(source)
     trainer = Trainer(setup["backbone"], setup["encoder"], ("heart",),
                       TrainConfig(**{**cfg.__dict__, "init_from": str(source)}))
