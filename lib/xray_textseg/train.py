@@ -481,7 +481,7 @@ class Trainer:
 
         self.cfg = cfg or TrainConfig()
         self.device = resolve_device(self.cfg.device)
-        self.mode = self.cfg.mode if self.cfg.mode != "auto" else auto_mode(self.device)
+        self.mode = resolved_mode(self.cfg)
         if self.mode not in ("lora", "cached"):
             raise ValueError(f"unknown training mode {self.cfg.mode!r}; use auto, lora or cached")
         if self.cfg.fine_sampling not in ("uniform", "error"):
