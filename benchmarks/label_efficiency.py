@@ -24,6 +24,7 @@ import json
 import random
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -64,6 +65,10 @@ def main(argv=None) -> int:
                          "one k tests on the films a run of 5..30 does with --test-after 30")
     ap.add_argument("--tag", default=None,
                     help="record the adapters as method 'text+adapter@TAG' (e.g. lora), beside the default ones")
+    ap.add_argument("--extra-rounds", type=int, default=0,
+                    help="as the app's train_extra_rounds: while the time budget ended a run that improved on its "
+                         "start, train again on the same films from its adapter, up to N times; each round is "
+                         "tested (method suffix '+rN')")
     ap.add_argument("--skip-baselines", action="store_true")
     ap.add_argument("--also-default-grow", action="store_true",
                     help="evaluate each adapter a second time with the predictor's default coarse-box growth instead "
@@ -135,7 +140,8 @@ def main(argv=None) -> int:
                                   time_budget_s=args.time_budget * 60 if args.time_budget else None,
                                   cached_variants=args.variants or 0, **overrides)
                 finished = sorted(Path(args.adapters).glob(f"{data.name}_s{seed}_k{k}_*/metadata.json"))
-                finished = [f for f in finished if not f.parent.name.endswith("_retuned")]
+                # the first round's adapter only (not "_retuned" copies, not extra rounds "_r1", ...)
+                finished = [f for f in finished if f.parent.name.rsplit("_", 1)[-1].isdigit()]
                 if args.resume and finished:  # trained by an interrupted run: evaluate it, don't train again
                     adapter = finished[-1].parent
                     meta = json.loads(finished[-1].read_text())
@@ -154,24 +160,46 @@ def main(argv=None) -> int:
                     meta = train_adapter(items, adapter, backbone=backbone, text_encoder=encoder, labels=labels,
                                          cfg=cfg, log_path=adapter.parent / f"{adapter.name}.jsonl")
                     train_s = time.perf_counter() - t0
-                predictor.load_adapter(adapter)
-                grows = dict(predictor.label_grow)
-                methods = [adapter_method] + (["text+adapter@default-grow"] if args.also_default_grow else [])
-                for method in methods:
-                    if method != adapter_method:
-                        predictor.label_grow = {}
-                    rep = evaluate_folder(predictor, data, mode="text", names=test, hd95=False, progress=True)
-                    for lab, s in rep["per_label"].items():
-                        rows.append({"data": data.name, "seed": seed, "k": k, "method": method, "label": lab,
-                                     "dice": s["dice_mean"], "n_test": s["n"], "train_s": round(train_s, 1),
-                                     "mode": meta["mode"], "device": meta["device"],
-                                     "coarse_grow": predictor.grow_for(lab)})
-                    print(f"{data.name} seed {seed} k={k} {method} ({meta['mode']}, {train_s:.0f} s): "
-                          + " ".join(f"{lab}={s['dice_mean']:.3f}" for lab, s in rep["per_label"].items())
-                          + f"  growth {grows if method == adapter_method else predictor.coarse_grow}", flush=True)
-                    save()
-                predictor.unload_adapter()
+                for rnd in range(args.extra_rounds + 1):
+                    if rnd:  # the app's extra round: only after a run the budget ended while it still improved
+                        run = meta.get("training", {})
+                        if run.get("stopped") != "time budget" or not run.get("best_epoch"):
+                            print(f"no extra round {rnd}: {adapter.name} stopped by {run.get('stopped')!r}, "
+                                  f"best epoch {run.get('best_epoch')}", flush=True)
+                            break
+                        source = adapter
+                        adapter = Path(args.adapters) / f"{data.name}_s{seed}_k{k}_{int(time.time())}_r{rnd}"
+                        t0 = time.perf_counter()
+                        meta = train_adapter(items, adapter, backbone=backbone, text_encoder=encoder, labels=labels,
+                                             cfg=replace(cfg, init_from=str(source)),
+                                             log_path=adapter.parent / f"{adapter.name}.jsonl")
+                        train_s = time.perf_counter() - t0
+                    name = adapter_method + (f"+r{rnd}" if rnd else "")
+                    methods = [name] + (["text+adapter@default-grow"] if args.also_default_grow and not rnd else [])
+                    for method in methods:
+                        rows += test_adapter(predictor, data, test, adapter, meta, train_s, seed, k, method,
+                                             default_grow=method != name)
+                        save()
     return write_outputs(rows, out)
+
+
+def test_adapter(predictor: Predictor, data: Path, test: list[str], adapter: Path, meta: dict, train_s: float,
+                 seed: int, k: int, method: str, default_grow: bool = False) -> list[dict]:
+    """Test Dice rows of one adapter on the test films (``default_grow``: with the default fine-box growth
+    instead of the per-label one its validation chose), printed as one line."""
+    predictor.load_adapter(adapter)
+    grows = dict(predictor.label_grow)
+    if default_grow:
+        predictor.label_grow = {}
+    rep = evaluate_folder(predictor, data, mode="text", names=test, hd95=False, progress=True)
+    rows = [{"data": data.name, "seed": seed, "k": k, "method": method, "label": lab, "dice": s["dice_mean"],
+             "n_test": s["n"], "train_s": round(train_s, 1), "mode": meta["mode"], "device": meta["device"],
+             "coarse_grow": predictor.grow_for(lab)} for lab, s in rep["per_label"].items()]
+    print(f"{data.name} seed {seed} k={k} {method} ({meta['mode']}, {train_s:.0f} s): "
+          + " ".join(f"{lab}={s['dice_mean']:.3f}" for lab, s in rep["per_label"].items())
+          + f"  growth {predictor.coarse_grow if default_grow else grows}", flush=True)
+    predictor.unload_adapter()
+    return rows
 
 
 def write_rows(rows: list[dict], path: Path) -> None:

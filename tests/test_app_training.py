@@ -34,7 +34,8 @@ def server(tmp_path_factory):
     studies = copy_studies(root / "studies", [f"{c}.png" for c in TRAIN + HELD_OUT])
     conf = {"labels": ",".join(LABELS), "auto_train_after": "3", "adapter_dir": str(root / "adapters"),
             "train_epochs": "6", "train_time_budget_min": "5", "device": "cpu",
-            "train_cached_copies": "1", "look_ahead": "false"}  # the training subprocess gets the CPU
+            "train_cached_copies": "1", "look_ahead": "false",  # the training subprocess gets the CPU
+            "train_extra_rounds": "0"}  # only the runs the tests start (extra rounds: test_app_schedule.py)
     srv = Server(studies, conf=conf)
     try:
         srv.info = srv.wait_ready()

@@ -25,7 +25,7 @@ except ImportError:  # pragma: no cover
 from lib.infers import TextPromptSegmentation  # noqa: E402
 from lib.options import AppOptions  # noqa: E402
 from lib.safety import SafeLocalDatastore, check_infer_image, install_error_handlers  # noqa: E402
-from lib.trainers import AdapterTrainer  # noqa: E402
+from lib.trainers import EXTRA_ROUND, AdapterTrainer, extra_round_reason  # noqa: E402
 from xray_textseg.adapters import AdapterStore  # noqa: E402
 from xray_textseg.io import write_atomic  # noqa: E402
 from xray_textseg.predictor import build_predictor  # noqa: E402
@@ -157,15 +157,40 @@ class XrayTextSegApp(MONAILabelApp):
             state.update(saved_since_train=0, labeled_at_last_train=labeled)
             self._set_autotrain_state(state)
 
+    def _extra_round(self) -> None:
+        """A run the time budget ended while it still improved goes on from its adapter on the same labels,
+        at most ``train_extra_rounds`` times after each run that labels or a person started
+        (:func:`lib.trainers.extra_round_reason`). Checked once a minute, never while a run is queued or running."""
+        from monailabel.utils.async_tasks.utils import processes
+
+        with self._autotrain_lock:
+            stats = self._trainers[TRAIN_TASK].stats()
+            if self._train_queued() or processes("train") or stats.get("status") != "done":
+                return
+            state = self._autotrain_state()
+            if state.get("checked_run") == stats.get("version"):
+                return  # this run was looked at already
+            done = state.get("extra_rounds", 0) if str(stats.get("trigger", "")).startswith(EXTRA_ROUND) else 0
+            why = extra_round_reason(stats, done, self.options.train_extra_rounds)
+            state.update(checked_run=stats.get("version"))
+            if why and self._trigger_training(why):
+                state.update(extra_rounds=done + 1)
+            self._set_autotrain_state(state)
+
     def on_init_complete(self):
         super().on_init_complete()
         install_error_handlers(trainers=tuple(self._trainers))
         seconds = self.options.retrain_seconds
-        if seconds:
+        if seconds or (self.options.train_extra_rounds and self.options.train_warm_start):
             import schedule
 
-            schedule.every(seconds).seconds.do(self._scheduled_retrain)
-            logger.info("scheduled retraining every %s when new labels arrived", self.options.retrain_interval)
+            if seconds:
+                schedule.every(seconds).seconds.do(self._scheduled_retrain)
+                logger.info("scheduled retraining every %s when new labels arrived", self.options.retrain_interval)
+            if self.options.train_extra_rounds and self.options.train_warm_start:
+                schedule.every(60).seconds.do(self._extra_round)
+                logger.info("a run the time budget ends while it still improves continues on the same labels, up "
+                            "to %d extra round(s)", self.options.train_extra_rounds)
 
     def init_strategies(self):
         from monailabel.tasks.activelearning.first import First
