@@ -37,13 +37,7 @@ def test_schedule_retrains_only_when_new_labels_arrived(tmp_path):
         assert SKIPPED in server.log_path.read_text(), server.log_tail()
         assert "version" not in train_stats(server)  # nothing ran
 
-        for case in CASES[:2]:
-            lm = np.zeros((512, 512), np.uint8)
-            lm[load_mask(SAMPLE / "labels" / "heart" / f"{case}.png", (512, 512)) > 0] = 1
-            r = server.client.put("/datastore/label", params={"image": case, "tag": "final"},
-                                  data={"params": json.dumps({"label_info": [{"name": "heart", "idx": 1}]})},
-                                  files={"label": (f"{case}.nii.gz", io.BytesIO(slicer_nifti(lm)))})
-            assert r.status_code == 200, r.text
+        save_heart_labels(server, CASES[:2])
 
         deadline = time.time() + 150
         while train_stats(server).get("status") != "running" and time.time() < deadline:
