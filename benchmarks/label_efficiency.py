@@ -35,7 +35,8 @@ from xray_textseg.backbones import build_backbone, enable_default_onnxruntime, r
 from xray_textseg.evaluation import evaluate_folder, list_cases  # noqa: E402
 from xray_textseg.predictor import Predictor  # noqa: E402
 from xray_textseg.text import TextEncoder  # noqa: E402
-from xray_textseg.train import TrainConfig, load_folder, retune_adapter, train_adapter  # noqa: E402
+from xray_textseg.train import (TrainConfig, cut_while_improving, load_folder, retune_adapter,  # noqa: E402
+                                 train_adapter)
 
 
 def labels_of(data: Path) -> tuple[str, ...]:
@@ -163,7 +164,7 @@ def main(argv=None) -> int:
                 for rnd in range(args.extra_rounds + 1):
                     if rnd:  # the app's extra round: only after a run the budget ended while it still improved
                         run = meta.get("training", {})
-                        if run.get("stopped") != "time budget" or not run.get("best_epoch"):
+                        if not cut_while_improving(run):
                             print(f"no extra round {rnd}: {adapter.name} stopped by {run.get('stopped')!r}, "
                                   f"best epoch {run.get('best_epoch')}", flush=True)
                             break
@@ -177,13 +178,13 @@ def main(argv=None) -> int:
                     name = adapter_method + (f"+r{rnd}" if rnd else "")
                     methods = [name] + (["text+adapter@default-grow"] if args.also_default_grow and not rnd else [])
                     for method in methods:
-                        rows += test_adapter(predictor, data, test, adapter, meta, train_s, seed, k, method,
-                                             default_grow=method != name)
+                        rows += evaluate_adapter(predictor, data, test, adapter, meta, train_s, seed, k, method,
+                                                 default_grow=method != name)
                         save()
     return write_outputs(rows, out)
 
 
-def test_adapter(predictor: Predictor, data: Path, test: list[str], adapter: Path, meta: dict, train_s: float,
+def evaluate_adapter(predictor: Predictor, data: Path, test: list[str], adapter: Path, meta: dict, train_s: float,
                  seed: int, k: int, method: str, default_grow: bool = False) -> list[dict]:
     """Test Dice rows of one adapter on the test films (``default_grow``: with the default fine-box growth
     instead of the per-label one its validation chose), printed as one line."""

@@ -295,6 +295,14 @@ def continue_problem(adapter_dir: str | Path, backbone: Backbone, text_encoder: 
     return None
 
 
+def cut_while_improving(run: dict) -> bool:
+    """Whether a finished run (an adapter's ``metadata["training"]``, or the app's train stats) was ended by its time
+    budget, not by early stopping or its epoch limit, after beating the weights it started from (best epoch > 0:
+    epoch 0 is their validation Dice): the trainer still wanted epochs, so a run continued from its adapter
+    (``init_from``) on the same films may gain more. The app's extra rounds and the benchmark's ask this."""
+    return run.get("stopped") == "time budget" and bool(run.get("best_epoch"))
+
+
 def _cpu_id() -> str:
     """The CPU as /proc/cpuinfo names it (model name, family, model number), or the platform's word for it."""
     import platform

@@ -23,8 +23,8 @@ from monailabel.utils.async_tasks.utils import processes
 
 from xray_textseg.adapters import AdapterStore
 from xray_textseg.io import load_mask, load_radiograph, write_atomic
-from xray_textseg.train import (TrainConfig, TrainItem, continue_problem, earlier_split, split_items,
-                                 train_adapter, validate)
+from xray_textseg.train import (TrainConfig, TrainItem, continue_problem, cut_while_improving, earlier_split,
+                                 split_items, train_adapter, validate)
 from xray_textseg.vocabulary import UnknownLabelError, parse_label
 
 from .infers import LABEL_VALUES
@@ -40,15 +40,15 @@ def extra_round_reason(stats: dict[str, Any], done_rounds: int, max_rounds: int)
     """Why the finished run in ``stats`` (this task's :meth:`AdapterTrainer.stats`) should go on for another
     run on the same labels, or None.
 
-    It should when the time budget, not early stopping or the epoch limit, ended it (the trainer still wanted
-    epochs), it beat the adapter it started from (best epoch > 0: epoch 0 is the start's validation Dice) and was
-    promoted, and fewer than ``max_rounds`` extra rounds ran since the last run that labels (or a person) started.
+    It should when it was promoted, :func:`xray_textseg.train.cut_while_improving` (the time budget ended it after
+    it beat the adapter it started from) and fewer than ``max_rounds`` extra rounds ran since the last run that
+    labels, the schedule or a person started.
     With warm start the next run continues from it: on a slow CPU that is how 12-minute budgets add up (OAI
     k = 30, one extra round: femur / tibia 0.946 / 0.933 -> 0.952 / 0.940; docs/results.md).
     """
     if stats.get("status") != "done" or not stats.get("promoted") or done_rounds >= max_rounds:
         return None
-    if stats.get("stopped") != "time budget" or not stats.get("best_epoch"):
+    if not cut_while_improving(stats):
         return None
     return (f"{EXTRA_ROUND} {done_rounds + 1} of {max_rounds}: the time budget ended {stats.get('version')} while "
             f"its validation Dice still rose (best epoch {stats['best_epoch']} of {stats.get('epochs_run')})")
