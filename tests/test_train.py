@@ -305,6 +305,43 @@ def test_anchored_coarse_prompt_is_placed_from_the_anchor_and_chosen_on_validati
     assert p.label_prompt == {} and p.anchor_for("heart") is None
 
 
+def test_a_label_found_far_from_where_its_anchor_places_it_is_prompted_again_from_the_anchor(setup):
+    """A label prompted from its film-frame prior is checked against its anchor: where its coarse mask lies away from
+    the box the anchor places (a clavicle prompt that locked on the shoulder's soft tissue), the coarse prompt is
+    the anchor-placed box instead; a coarse mask where the anchor puts it is left as it is."""
+    from xray_textseg.metrics import dice
+
+    p = Predictor(setup["backbone"], labels=LABELS, text_encoder=setup["encoder"])
+    p.load_adapter(setup["path"])
+    train_items = [it for it in setup["items"] if it.name in setup["meta"]["train_names"]]
+    item = next(it for it in setup["items"] if it.name in setup["meta"]["val_names"])
+    p.priors.fit_relative("heart", "left_lung", [(it.masks["heart"], it.masks["left_lung"]) for it in train_items])
+    assert p.checked_against("heart") == "left_lung" and p.checked_against("left_lung") is None
+    p.set_image(item.image)
+    shape = item.image.shape
+    found = p.predict("heart", refine=False).results[0]
+    assert np.allclose(found.box, p.priors.box("heart", shape))  # found where the lung places it: unchanged
+    p.priors.boxes["heart"] = (0.02, 0.02, 0.30, 0.20)  # a film prior over the wrong corner of the film
+    p.results.clear()  # the priors belong to the adapter: changed in place here, so its cached results go
+    checked = p.predict("heart", refine=False).results[0]
+    lung_box = mask_box(p.predict("left lung", refine=False).mask("left_lung"))
+    assert np.allclose(checked.box, p.priors.relative_box("heart", lung_box, shape))
+    assert dice(checked.mask, item.masks["heart"]) > 0.7
+    checked_fine = p.predict("heart").results[0]
+    p.anchor_check = 0.0
+    assert p.checked_against("heart") is None
+    lost = p.predict("heart", refine=False)
+    assert lost.cache["result_hits"] == 0  # the check is part of the result key
+    assert np.allclose(lost.results[0].box, p.priors.box("heart", shape))
+    assert dice(lost.mask("heart"), item.masks["heart"]) < 0.3
+    lost_fine = p.predict("heart").results[0]
+    assert dice(checked_fine.mask, item.masks["heart"]) > dice(lost_fine.mask, item.masks["heart"]) + 0.3
+    p.label_prompt = {"heart": "anchor"}  # anchored already: nothing to check
+    assert p.checked_against("heart") is None
+    p.unload_adapter()
+    assert p.checked_against("heart") is None  # no adapter, no relative prior
+
+
 def test_retune_keeps_the_weights_and_checks_the_films(setup, tmp_path):
     """An adapter's serving settings are chosen again on its own validation films without retraining; the weights
     are the same files, and films that are not the ones it was trained on are refused."""

@@ -9,6 +9,11 @@ Zero-shot path (no adapter yet), per label, coarse to fine:
    coarse box in that crop. At 256 px a whole film leaves a femur or clavicle a few pixels wide;
    the crop gives it the full input.
 
+With an adapter, a label it places from an anchor (a clavicle from the lung on its side, ``priors.ANCHORS``) takes
+its coarse prompt box from the anchor's coarse mask where the adapter's validation chose that; where it chose the
+film prior, the coarse mask is checked against the anchor-placed box and prompted again from it when the two do
+not overlap (``checked_against``).
+
 Every embedding (whole film or crop) is cached by (pixels, backbone weights, adapter version,
 precision, view), so further prompts on the same image only pay for decoding.
 
@@ -32,7 +37,7 @@ import torch
 from .backbones import Backbone, Interrupted, encode_batch_size, interruptible
 from .cache import LRU, EmbeddingCache
 from .io import Radiograph, load_radiograph, radiograph_from_array
-from .priors import PriorBoxes
+from .priors import ANCHOR_CHECK_IOU, PriorBoxes, box_iou
 from .transforms import View, largest_component, mask_box
 from .vocabulary import ALL_LABELS, ParsedLabel, parse_prompt
 
@@ -86,8 +91,11 @@ class Predictor:
                  labels: tuple[str, ...] = ALL_LABELS, refine: bool = True, crop_margin: float = 0.15,
                  max_tile_aspect: float = 2.0, coarse_grow: float = 0.15, text_encoder=None,
                  text_encoder_path: str | None = None, batch_fine: bool = True, encode_batch: int | None = None,
-                 precision: str = "fp32", result_cache: int = 64):
+                 precision: str = "fp32", result_cache: int = 64, anchor_check: float = ANCHOR_CHECK_IOU):
         """``result_cache``: final masks kept (bit-packed, per image x label x weights x box; 0 turns it off).
+        ``anchor_check``: a label prompted from its film-frame prior whose adapter also places it from an anchor
+        is prompted again from the anchor when its coarse mask's box overlaps the anchor-placed box by less than
+        this IoU (``priors.ANCHOR_CHECK_IOU``; 0 turns the check off; see ``checked_against``).
         ``batch_fine``: encode the fine crops of a request in batches and decode them in one pass (False:
         one crop at a time, the original loop). ``encode_batch``: crops per encoder call (default:
         ``backbones.encode_batch_size``, 16 on CUDA and 1 on the CPU).
@@ -118,6 +126,7 @@ class Predictor:
         self.label_grow: dict[str, float] = {}  # ... or by the adapter's per-label choice (see grow_for)
         self.label_prompt: dict[str, str] = {}  # "anchor": the coarse prompt box comes from an anchor (see anchor_for)
         self.mid_labels: tuple[str, ...] = ()  # found on the mid view, not the whole film (see mid_view)
+        self.anchor_check = float(anchor_check)
         self.adapter_version = "none"
         self.adapter_metadata: dict = {}
         self.encoder_version = "base"  # part of the cache key: a LoRA adapter changes the embeddings
@@ -233,6 +242,17 @@ class Predictor:
         """The label whose coarse mask places ``label``'s coarse prompt box (``priors.relative``), when the adapter
         chose that for it (``serving.coarse_prompt``: "anchor"); None: the film-frame prior box."""
         if self.label_prompt.get(label) != "anchor" or label not in self.priors.relative:
+            return None
+        anchor = self.priors.relative[label][0]
+        return anchor if anchor in self.labels else None
+
+    def checked_against(self, label: str) -> str | None:
+        """The anchor that checks ``label``'s coarse mask when it is prompted from the film-frame prior: a coarse
+        mask far from where the anchor places the label (box IoU below ``anchor_check``: a clavicle prompt that
+        locked on the soft tissue above the shoulder) is replaced by the coarse mask from the anchor-placed box.
+        None: no check (no relative prior, the label is anchored already, it is found on the mid view, or off)."""
+        if (self.anchor_check <= 0 or label not in self.priors.relative or self.label_prompt.get(label) == "anchor"
+                or label in self.mid_labels):
             return None
         anchor = self.priors.relative[label][0]
         return anchor if anchor in self.labels else None
@@ -370,7 +390,8 @@ class Predictor:
         The text tokens come from the label's canonical phrase, so the user's wording is not part of it."""
         return (content_hash or self._hash, self.backbone.weights_id, self._generation, self.adapter_version,
                 self.precision, label, None if box is None else tuple(float(v) for v in box), bool(refine),
-                self.crop_margin, self.grow_for(label), self.anchor_for(label), self.max_tile_aspect, self.batch_fine)
+                self.crop_margin, self.grow_for(label), self.anchor_for(label), self.max_tile_aspect, self.batch_fine,
+                self.checked_against(label) and self.anchor_check)
 
     def predict(self, prompt: str | list[str], boxes: dict[str, list[float]] | None = None,
                 refine: bool | None = None, image: Radiograph | np.ndarray | str | None = None) -> Prediction:
@@ -532,6 +553,7 @@ class Predictor:
                                                   None if tokens is None else tokens[coarse])
             full.update(zip(coarse, view.logits_to_image(logits).numpy() > 0))
             iou[coarse] = iou_c
+        self._check_against_anchors(parsed, sources, prompt_boxes, tokens, anchor_masks, full, iou)
         results = []
         t_coarse = time.perf_counter()
         fine_boxes = []
@@ -566,7 +588,8 @@ class Predictor:
         masks take one decoder call on the film's embedding; where an anchor finds nothing the film prior stays.
         Returns {anchor: (coarse mask, predicted IoU)}, which is the anchor's own coarse pass when it is asked too."""
         wanted = {i: self.anchor_for(p.label) for i, p in enumerate(parsed) if sources[i] != "user_box"}
-        anchors = sorted({a for a in wanted.values() if a is not None})
+        checked = {self.checked_against(p.label) for i, p in enumerate(parsed) if sources[i] != "user_box"}
+        anchors = sorted(({a for a in wanted.values()} | checked) - {None})
         if not anchors:
             return {}
         shape = self._image.shape
@@ -581,6 +604,31 @@ class Predictor:
             if box is not None:
                 prompt_boxes[i] = box
         return {a: (masks[j], float(iou[j])) for j, a in enumerate(anchors)}
+
+    def _check_against_anchors(self, parsed: list[ParsedLabel], sources: list[str], prompt_boxes: np.ndarray,
+                               tokens: torch.Tensor | None, anchor_masks: dict[str, tuple[np.ndarray, float]], full: dict[int, np.ndarray],
+                               iou: torch.Tensor) -> None:
+        """In place: labels with an anchor check (``checked_against``) whose coarse mask is empty or far from the
+        anchor-placed box are decoded again on the whole film from that box (one decoder call for all of them)."""
+        redo = []
+        for i, p in enumerate(parsed):
+            anchor = self.checked_against(p.label) if sources[i] != "user_box" else None
+            if anchor is None or anchor not in anchor_masks or i not in full:
+                continue
+            found_anchor = mask_box(largest_component(anchor_masks[anchor][0]))
+            placed = None if found_anchor is None else self.priors.relative_box(p.label, found_anchor,
+                                                                                 self._image.shape)
+            if placed is None:  # the anchor found nothing: nothing to check against
+                continue
+            found = mask_box(largest_component(full[i]))
+            if found is None or box_iou(found, placed) < self.anchor_check:
+                prompt_boxes[i] = placed
+                redo.append(i)
+        if redo:
+            view = self.coarse_view()
+            logits, iou_r, _ = self._decode_boxes(view, prompt_boxes[redo], None if tokens is None else tokens[redo])
+            full.update(zip(redo, view.logits_to_image(logits).numpy() > 0))
+            iou[redo] = iou_r
 
 
 class ResultCache(LRU):
