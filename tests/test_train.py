@@ -307,7 +307,7 @@ def test_anchored_coarse_prompt_is_placed_from_the_anchor_and_chosen_on_validati
 
 def test_a_label_found_far_from_where_its_anchor_places_it_is_prompted_again_from_the_anchor(setup):
     """A label prompted from its film-frame prior is checked against its anchor: where its coarse mask lies away from
-    the box the anchor places (a clavicle prompt that locked on the shoulder's soft tissue), the coarse prompt is
+    the box the anchor places (a clavicle prompt that locked on a structure above the clavicle), the coarse prompt is
     the anchor-placed box instead; a coarse mask where the anchor puts it is left as it is."""
     from xray_textseg.metrics import dice
 

@@ -249,7 +249,7 @@ class Predictor:
     def checked_against(self, label: str) -> str | None:
         """The anchor that checks ``label``'s coarse mask when it is prompted from the film-frame prior: a coarse
         mask far from where the anchor places the label (box IoU below ``anchor_check``: a clavicle prompt that
-        locked on the soft tissue above the shoulder) is replaced by the coarse mask from the anchor-placed box.
+        locked on a structure above the clavicle) is replaced by the coarse mask from the anchor-placed box.
         None: no check (no relative prior, the label is anchored already, it is found on the mid view, or off)."""
         if (self.anchor_check <= 0 or label not in self.priors.relative or self.label_prompt.get(label) == "anchor"
                 or label in self.mid_labels):

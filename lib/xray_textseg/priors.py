@@ -39,7 +39,7 @@ ANCHORS: dict[str, str] = {"right_clavicle": "right_lung", "left_clavicle": "lef
 
 # A label prompted from the film-frame prior is checked against the box its anchor places (when its adapter has a
 # relative prior): a coarse mask whose box overlaps that box by less than this IoU found something else (a clavicle
-# prompt locked on the soft tissue above the shoulder), and the label is prompted again with the anchor-placed box.
+# prompt locked on a structure above the clavicle), and the label is prompted again with the anchor-placed box.
 # Measured on the 10 test films of 10 JSRT adapters (200 clavicle masks; the value was set from these films, so
 # the gain is an in-sample figure): where the film prompt scored > 0.8 the IoU was 0.41-0.82; below 0.3 were 9
 # masks, the anchor-placed prompt better on 7 (+3.4 Dice summed), worse on 2 (-0.7) (docs/results.md, 2026-11-29,
