@@ -606,8 +606,8 @@ class Predictor:
         return {a: (masks[j], float(iou[j])) for j, a in enumerate(anchors)}
 
     def _check_against_anchors(self, parsed: list[ParsedLabel], sources: list[str], prompt_boxes: np.ndarray,
-                               tokens: torch.Tensor | None, anchor_masks: dict[str, tuple[np.ndarray, float]], full: dict[int, np.ndarray],
-                               iou: torch.Tensor) -> None:
+                               tokens: torch.Tensor | None, anchor_masks: dict[str, tuple[np.ndarray, float]],
+                               full: dict[int, np.ndarray], iou: torch.Tensor) -> None:
         """In place: labels with an anchor check (``checked_against``) whose coarse mask is empty or far from the
         anchor-placed box are decoded again on the whole film from that box (one decoder call for all of them)."""
         redo = []
