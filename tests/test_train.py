@@ -58,7 +58,7 @@ def test_adapter_files_and_size(setup):
     names = {p.name for p in path.iterdir()}
     assert {"head.safetensors", "decoder.safetensors", "priors.json", "metadata.json"} <= names
     assert "adapter_config.json" not in names  # cached mode: no encoder LoRA
-    assert setup["meta"]["size_bytes"] < 10 * 2**20
+    assert setup["meta"]["size_bytes"] < 10_000_000
     assert not [p for p in path.parent.iterdir() if p.name.startswith(".")]  # no staging debris
 
 
@@ -631,7 +631,7 @@ def test_lora_adapter_trained_on_cpu_carries_the_encoder_and_round_trips(setup, 
     assert start["mode"] == "lora" and start["bf16"] == (cpu_has_bf16() and start["precision_probe"]["bf16"])
     assert [r["mode"] for r in rows if r["event"] == "epoch"] == ["lora"]
     assert meta["mode"] == "lora" and (tmp_path / "v0001" / "adapter_config.json").exists()
-    assert meta["size_bytes"] < 10 * 2**20
+    assert meta["size_bytes"] < 10_000_000  # the 10 MB
     p = Predictor(setup["backbone"], labels=("heart",), text_encoder=setup["encoder"])
     p.load_adapter(tmp_path / "v0001")
     assert p.encoder_version == "v0001"

@@ -918,7 +918,7 @@ def train_adapter(items: list[TrainItem], out_dir: str | Path, *, backbone: Back
                   log_path: str | Path | None = None, extra_metadata: dict | None = None) -> dict:
     """Split, train, validate with the real predictor pipeline (text prompts, coarse-to-fine, image space)
     and write the adapter atomically to ``out_dir``. Returns the metadata written."""
-    from .adapters import round_decoder_, save_adapter
+    from .adapters import round_stored_, save_adapter
 
     cfg = cfg or TrainConfig()
     if val_items is None:
@@ -937,7 +937,7 @@ def train_adapter(items: list[TrainItem], out_dir: str | Path, *, backbone: Back
     result = trainer.fit(train_items, val_items, priors)
     if result.stopped == "stop requested":
         raise TrainingStopped("training stopped on request; nothing was saved")
-    round_decoder_(trainer.backbone.mask_decoder)
+    round_stored_(trainer.head, trainer.backbone.mask_decoder)
 
     out_dir = Path(out_dir)
     staging = out_dir.parent / f".{out_dir.name}.staging"
