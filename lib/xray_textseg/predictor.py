@@ -238,24 +238,24 @@ class Predictor:
         else ``coarse_grow``."""
         return self.label_grow.get(label, self.coarse_grow)
 
+    def _relative_anchor(self, label: str) -> str | None:
+        """The anchor of ``label``'s relative prior when the adapter has one and the anchor is served, else None."""
+        anchor = self.priors.relative.get(label, (None,))[0]
+        return anchor if anchor in self.labels else None
+
     def anchor_for(self, label: str) -> str | None:
         """The label whose coarse mask places ``label``'s coarse prompt box (``priors.relative``), when the adapter
         chose that for it (``serving.coarse_prompt``: "anchor"); None: the film-frame prior box."""
-        if self.label_prompt.get(label) != "anchor" or label not in self.priors.relative:
-            return None
-        anchor = self.priors.relative[label][0]
-        return anchor if anchor in self.labels else None
+        return self._relative_anchor(label) if self.label_prompt.get(label) == "anchor" else None
 
     def checked_against(self, label: str) -> str | None:
         """The anchor that checks ``label``'s coarse mask when it is prompted from the film-frame prior: a coarse
         mask far from where the anchor places the label (box IoU below ``anchor_check``: a clavicle prompt that
         locked on a structure above the clavicle) is replaced by the coarse mask from the anchor-placed box.
         None: no check (no relative prior, the label is anchored already, it is found on the mid view, or off)."""
-        if (self.anchor_check <= 0 or label not in self.priors.relative or self.label_prompt.get(label) == "anchor"
-                or label in self.mid_labels):
+        if self.anchor_check <= 0 or self.label_prompt.get(label) == "anchor" or label in self.mid_labels:
             return None
-        anchor = self.priors.relative[label][0]
-        return anchor if anchor in self.labels else None
+        return self._relative_anchor(label)
 
     @torch.inference_mode()
     def _text_tokens(self, parsed: list[ParsedLabel]) -> torch.Tensor | None:
