@@ -185,7 +185,7 @@ def main(argv=None) -> int:
 
 
 def evaluate_adapter(predictor: Predictor, data: Path, test: list[str], adapter: Path, meta: dict, train_s: float,
-                 seed: int, k: int, method: str, default_grow: bool = False) -> list[dict]:
+                     seed: int, k: int, method: str, default_grow: bool = False) -> list[dict]:
     """Test Dice rows of one adapter on the test films (``default_grow``: with the default fine-box growth
     instead of the per-label one its validation chose), printed as one line."""
     predictor.load_adapter(adapter)
