@@ -25,7 +25,7 @@ def test_defaults_and_parsing():
     assert AppOptions.from_conf({}).train_coarse_prior == "median" and not AppOptions.from_conf({}).train_mid_view
     assert AppOptions.from_conf({}).train_warm_start is True
     assert AppOptions.from_conf({"train_warm_start": "false"}).train_warm_start is False
-    assert AppOptions.from_conf({}).train_extra_rounds == 1
+    assert AppOptions.from_conf({}).train_extra_rounds == 2
     assert AppOptions.from_conf({"train_extra_rounds": "0"}).train_extra_rounds == 0
 
 

@@ -48,7 +48,7 @@ class AppOptions:
     train_coarse_prior: str = "median"  # median | auto | envelope: the coarse prompt box per label (TrainConfig)
     train_mid_view: bool = False  # find enveloped labels (clavicles with coarse prior auto) on a crop of their region
     train_warm_start: bool = True  # continue each retraining from the current adapter's weights (else from the base)
-    train_extra_rounds: int = 1  # a run the time budget cut while improving goes on (same labels) up to this often
+    train_extra_rounds: int = 2  # a run the time budget cut while improving goes on (same labels) up to this often
 
     def __post_init__(self) -> None:
         for name in CHOICES:

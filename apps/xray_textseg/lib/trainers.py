@@ -44,7 +44,7 @@ def extra_round_reason(stats: dict[str, Any], done_rounds: int, max_rounds: int)
     it beat the adapter it started from) and fewer than ``max_rounds`` extra rounds ran since the last run that
     labels, the schedule or a person started.
     With warm start the next run continues from it: on a slow CPU that is how 12-minute budgets add up (OAI
-    k = 30, one extra round: femur / tibia 0.946 / 0.933 -> 0.952 / 0.940; docs/results.md).
+    k = 30, two extra rounds: femur / tibia 0.946 / 0.933 -> 0.952 / 0.940 -> 0.960 / 0.948; docs/results.md).
     """
     if stats.get("status") != "done" or not stats.get("promoted") or done_rounds >= max_rounds:
         return None
