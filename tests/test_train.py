@@ -13,7 +13,7 @@ from xray_textseg.adapters import AdapterError, AdapterStore, load_adapter
 from xray_textseg.backbones import build_backbone, cpu_has_bf16
 from xray_textseg.predictor import Predictor
 from xray_textseg.text import TextEncoder
-from xray_textseg.priors import PriorBoxes
+from xray_textseg.priors import PriorBoxes, mask_thickness
 from xray_textseg.train import (TrainConfig, Trainer, TrainingStopped, _shift_box, auto_mode, cached_variants_for,
                                 choose_coarse_grow, continue_problem, earlier_split, fine_weights, fit_priors,
                                 load_folder, retune_adapter, share_groups, train_adapter, validate)
@@ -170,6 +170,32 @@ def test_relative_priors_place_each_clavicle_from_the_lung_on_its_side():
     assert again.relative == priors.relative
     assert fit_priors(items, ("right_clavicle", "left_clavicle"), "median").relative == {}  # no lung: no anchor
     assert PriorBoxes().relative_box("heart", [0, 0, 10, 10], (64, 64)) is None
+
+
+def test_a_clavicle_mask_thicker_than_every_training_mask_is_flagged():
+    """The adapter keeps the thickest training mask of each clavicle (mean width across the principal axis); a mask
+    thicker than that (a clavicle run onto the rib or filling the region above it) is flagged with the label named,
+    the training masks themselves are not; other labels are not checked."""
+    bar = np.zeros((200, 400), bool)
+    bar[90:110, 50:350] = True  # 20 px wide on a film of geometric-mean side 283 px
+    assert mask_thickness(bar) == pytest.approx(20 / np.sqrt(200 * 400), rel=0.01)
+    assert mask_thickness(np.zeros((50, 50), bool)) == 0.0
+    labels = ("right_clavicle", "left_clavicle", "right_lung", "left_lung")
+    items = load_folder(SAMPLE, labels, names=CASES)
+    priors = fit_priors(items, labels)
+    assert set(priors.thickness) == {"right_clavicle", "left_clavicle"}
+    for it in items:
+        assert priors.too_thick("left_clavicle", it.masks["left_clavicle"]) is None
+        assert priors.too_thick("left_lung", it.masks["left_lung"]) is None
+    clavicle = items[0].masks["left_clavicle"]
+    x0, y0, x1, y1 = (int(v) for v in mask_box(clavicle))
+    filled = clavicle.copy()
+    filled[max(0, y0 - (y1 - y0)):y1 + 1, x0:x1 + 1] = True  # the box and the region above it
+    why = priors.too_thick("left_clavicle", filled)
+    assert why is not None and why.startswith("left clavicle mask is") and "draw a box" in why
+    again = PriorBoxes.from_json(json.loads(json.dumps(priors.to_json())))
+    assert again.thickness == priors.thickness and again.too_thick("left_clavicle", filled) == why
+    assert PriorBoxes().too_thick("left_clavicle", filled) is None  # no adapter: nothing to compare with
 
 
 def test_envelope_prior_holds_every_training_box_and_auto_picks_it_for_the_scattered_clavicles():
@@ -340,6 +366,22 @@ def test_a_label_found_far_from_where_its_anchor_places_it_is_prompted_again_fro
     assert p.checked_against("heart") is None
     p.unload_adapter()
     assert p.checked_against("heart") is None  # no adapter, no relative prior
+
+
+def test_the_answer_warns_of_a_mask_thicker_than_the_training_masks(setup):
+    """A mask thicker than the thickest training mask of its label comes with a warning in the prediction (the
+    server passes it on); within the training range, none."""
+    p = Predictor(setup["backbone"], labels=LABELS, text_encoder=setup["encoder"])
+    p.load_adapter(setup["path"])
+    item = next(it for it in setup["items"] if it.name in setup["meta"]["val_names"])
+    p.set_image(item.image)
+    assert p.predict("heart").warnings == {}  # the sample adapter keeps no thickness for the heart
+    p.priors.fit_thickness("heart", [it.masks["heart"] for it in setup["items"]])
+    assert p.predict("heart").warnings == {}
+    p.priors.thickness["heart"] /= 3  # as if every training heart had been a third as thick
+    warned = p.predict("heart, left lung")
+    assert set(warned.warnings) == {"heart"} and warned.warnings["heart"].startswith("heart mask is")
+    assert warned.cache["result_hits"] == 1  # the heart's mask is the cached one: a check of the answer
 
 
 def test_retune_keeps_the_weights_and_checks_the_films(setup, tmp_path):

@@ -116,6 +116,8 @@ def cmd_predict(args) -> int:
     for r in pred.results:
         print(f"{r.label:16s} area={int(r.mask.sum()):8d}px  predicted_iou={r.score:.3f}  "
               f"box={[round(v) for v in r.box]} ({r.prompt_source})")
+        if r.label in pred.warnings:
+            print(f"{'':16s} warning: {pred.warnings[r.label]}")
     print(f"mode={pred.mode}  load={1e3 * (t_load - t0):.0f} ms  predict={pred.timings_ms['total']:.0f} ms "
           f"(coarse {pred.timings_ms['coarse']:.0f}, fine {pred.timings_ms['fine']:.0f})  "
           f"total={1e3 * (t1 - t0):.0f} ms  cache hits/misses={pred.cache['hits']}/{pred.cache['misses']}")

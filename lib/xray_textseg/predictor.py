@@ -60,6 +60,7 @@ class Prediction:
     image_shape: tuple[int, int]
     timings_ms: dict[str, float] = field(default_factory=dict)
     cache: dict[str, int] = field(default_factory=dict)
+    warnings: dict[str, str] = field(default_factory=dict)  # label: why its mask may be wrong (PriorBoxes.too_thick)
 
     @property
     def labels(self) -> list[str]:
@@ -449,6 +450,7 @@ class Predictor:
             results, self.mode, self._image.shape, timings_ms={**timings, "total": 1e3 * (t1 - t0)},
             cache={"hits": self.cache.hits - hits0, "misses": self.cache.misses - misses0,
                    "result_hits": len(parsed) - len(todo)},
+            warnings={r.label: w for r in results if (w := self.priors.too_thick(r.label, r.mask))},
         )
 
     def warm(self, image: Radiograph, labels: list[str] | tuple[str, ...] = (),

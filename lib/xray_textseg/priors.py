@@ -52,12 +52,30 @@ ANCHOR_CHECK_IOU = 0.3
 # apex and the model fills that box. One JSRT run with the envelope for every label gave left clavicle 0.85 (no film
 # below 0.75) but heart 0.90; "auto" was no better than the median on two more runs (docs/results.md, 2026-11-29).
 SPREAD_IOU = 0.65
+# Labels whose answer says when a mask is thicker than every training mask of its label (``mask_thickness``). The
+# clavicles' failures are masks run onto the first rib or filling the region above the bone: of 80 served test masks
+# (4 JSRT adapters) the 11 flagged averaged Dice 0.61 against 0.86, and all 5 below 0.6 were flagged; the threshold is
+# the training maximum, no tuned margin (docs/results.md, 2026-11-30). Not measured for other labels yet.
+THICKNESS_CHECKED = ("left_clavicle", "right_clavicle")
 
 
 def _union_box(boxes) -> np.ndarray:
     """The smallest box (x0, y0, x1, y1) holding every row of ``boxes`` (N, 4)."""
     b = np.asarray(boxes)
     return np.concatenate([b[:, :2].min(axis=0), b[:, 2:].max(axis=0)])
+
+
+def mask_thickness(mask: np.ndarray) -> float:
+    """A mask's mean width across its principal axis (area / extent along that axis) as a fraction of the film's
+    geometric-mean side; 0 for fewer than 10 pixels. A clavicle is about 0.03-0.05 of a chest film."""
+    ys, xs = np.nonzero(mask)
+    if len(xs) < 10:
+        return 0.0
+    pts = np.stack([xs, ys], 1).astype(np.float64)
+    pts -= pts.mean(0)
+    axis = np.linalg.svd(pts, full_matrices=False)[2][0]
+    proj = pts @ axis
+    return float(len(xs) / (proj.max() - proj.min() + 1) / np.sqrt(mask.shape[0] * mask.shape[1]))
 
 
 def box_iou(a, b) -> float:
@@ -81,6 +99,7 @@ class PriorBoxes:
     source: dict[str, str] = field(default_factory=lambda: {k: "default" for k in DEFAULT_PRIORS})
     relative: dict[str, tuple[str, tuple[float, float, float, float]]] = field(default_factory=dict)
     kind: dict[str, str] = field(default_factory=dict)  # fitted labels: "median" | "envelope" (see fit)
+    thickness: dict[str, float] = field(default_factory=dict)  # THICKNESS_CHECKED labels: thickest training mask
 
     def box(self, label: str, image_shape: tuple[int, int]) -> np.ndarray:
         """The prior box of ``label`` in pixel coordinates of an image of ``image_shape`` (H, W)."""
@@ -124,6 +143,24 @@ class PriorBoxes:
             self.kind[label] = how
             self.source[label] = f"{how} of {len(rows)} labels (median box IoU {overlap:.2f})"
         return len(rows)
+
+    def fit_thickness(self, label: str, masks: Iterable[np.ndarray]) -> None:
+        """Keep the thickest of the label's training masks (:func:`mask_thickness`), for :meth:`too_thick`."""
+        values = [mask_thickness(np.asarray(m) > 0) for m in masks]
+        values = [v for v in values if v > 0]
+        if values:
+            self.thickness[label] = max(values)
+
+    def too_thick(self, label: str, mask: np.ndarray) -> str | None:
+        """Why ``mask`` is thicker than every training mask of ``label``, or None (also when none were kept)."""
+        limit = self.thickness.get(label)
+        if not limit:
+            return None
+        t = mask_thickness(mask)
+        if t <= limit:
+            return None
+        return (f"{label.replace('_', ' ')} mask is {t / limit:.1f}x as thick as the thickest training mask: it may "
+                "cover a neighbouring structure; check it or draw a box")
 
     def mid_labels(self, labels: Iterable[str]) -> list[str]:
         """The labels among ``labels`` whose prompt is an envelope (:meth:`fit`): the ones an adapter trained with a
@@ -170,6 +207,8 @@ class PriorBoxes:
         out = {"boxes": {k: list(v) for k, v in self.boxes.items()}, "source": dict(self.source)}
         if self.kind:
             out["kind"] = dict(self.kind)
+        if self.thickness:
+            out["thickness"] = dict(self.thickness)
         if self.relative:
             out["relative"] = {k: {"anchor": a, "box": list(b)} for k, (a, b) in self.relative.items()}
         return out
@@ -181,6 +220,7 @@ class PriorBoxes:
             priors.boxes[k] = tuple(float(x) for x in v)  # type: ignore[assignment]
         priors.source.update(data.get("source", {}))
         priors.kind.update(data.get("kind", {}))
+        priors.thickness.update({k: float(v) for k, v in data.get("thickness", {}).items()})
         for k, v in data.get("relative", {}).items():
             priors.relative[k] = (str(v["anchor"]), tuple(float(x) for x in v["box"]))  # type: ignore[assignment]
         return priors

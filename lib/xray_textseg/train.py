@@ -50,7 +50,7 @@ import torch.nn.functional as F
 from .adapters import LORA_TARGETS
 from .backbones import Backbone, cpu_has_bf16, cpuinfo, encode_batch_size
 from .io import Radiograph, load_mask, load_radiograph
-from .priors import ANCHORS, PriorBoxes
+from .priors import ANCHORS, THICKNESS_CHECKED, PriorBoxes
 from .text import PromptHead, TextEncoder, side_code
 from .transforms import View, mask_box
 from .vocabulary import label_phrases
@@ -233,6 +233,8 @@ def fit_priors(items: list[TrainItem], labels: tuple[str, ...], how: str = "medi
     priors = PriorBoxes()
     for lab in labels:
         priors.fit(lab, [it.masks[lab] for it in items if lab in it.masks and it.masks[lab].any()], how=how)
+    for lab in set(labels) & set(THICKNESS_CHECKED):
+        priors.fit_thickness(lab, [it.masks[lab] for it in items if lab in it.masks])
     for lab, anchor in ANCHORS.items():
         if lab in labels and anchor in labels and priors.kind.get(lab) != "envelope":
             priors.fit_relative(lab, anchor, [(it.masks[lab], it.masks[anchor]) for it in items

@@ -161,6 +161,9 @@ class TextPromptSegmentation(InferTask):
                           "request": round(time.perf_counter() - t0, 4)},
             "cache": prediction.cache,
         }
+        if prediction.warnings:  # a mask the adapter's training masks say is implausible (a clavicle run onto a rib)
+            params["warnings"] = prediction.warnings
+            logger.warning("infer %s: %s", os.path.basename(path), "; ".join(prediction.warnings.values()))
         logger.info("infer %s prompt=%r -> %s (%s, %.0f ms)", os.path.basename(path), prompt,
                     list(params["label_names"]), prediction.mode, 1e3 * (time.perf_counter() - t0))
         if self.look_ahead is not None:  # the clinician reads this mask; segment what they may ask next
