@@ -51,6 +51,7 @@ class LabelResult:
     score: float  # decoder's predicted IoU of the final mask
     box: list[float]  # the box that prompted the final decode, image pixels [x0, y0, x1, y1]
     prompt_source: str  # "prior" | "user_box" | "text"
+    warning: str | None = None  # why the mask may be wrong (``PriorBoxes.too_thick``), else None
 
 
 @dataclass
@@ -60,7 +61,11 @@ class Prediction:
     image_shape: tuple[int, int]
     timings_ms: dict[str, float] = field(default_factory=dict)
     cache: dict[str, int] = field(default_factory=dict)
-    warnings: dict[str, str] = field(default_factory=dict)  # label: why its mask may be wrong (PriorBoxes.too_thick)
+
+    @property
+    def warnings(self) -> dict[str, str]:
+        """{label: why its mask may be wrong} for the labels that have a warning."""
+        return {r.label: r.warning for r in self.results if r.warning}
 
     @property
     def labels(self) -> list[str]:
@@ -450,7 +455,6 @@ class Predictor:
             results, self.mode, self._image.shape, timings_ms={**timings, "total": 1e3 * (t1 - t0)},
             cache={"hits": self.cache.hits - hits0, "misses": self.cache.misses - misses0,
                    "result_hits": len(parsed) - len(todo)},
-            warnings={r.label: w for r in results if (w := self.priors.too_thick(r.label, r.mask))},
         )
 
     def warm(self, image: Radiograph, labels: list[str] | tuple[str, ...] = (),
@@ -578,8 +582,9 @@ class Predictor:
                 mask, used_box = fine_logits > 0, fine_boxes[i]
             else:
                 mask, score, used_box = full[i], float(iou[i]), prompt_boxes[i]
-            results.append(LabelResult(p.label, largest_component(mask), score,
-                                       [float(v) for v in used_box], sources[i]))
+            mask = largest_component(mask)
+            results.append(LabelResult(p.label, mask, score, [float(v) for v in used_box], sources[i],
+                                       self.priors.too_thick(p.label, mask)))
         t1 = time.perf_counter()
         return results, {"coarse": 1e3 * (t_coarse - t0), "fine": 1e3 * (t1 - t_coarse)}
 
@@ -640,13 +645,14 @@ class ResultCache(LRU):
         entry = super().get(key)
         if entry is None:
             return None
-        bits, shape, label, score, box, source = entry
+        bits, shape, label, score, box, source, warning = entry
         mask = np.unpackbits(bits, count=shape[0] * shape[1]).reshape(shape).astype(bool)
-        return LabelResult(label, mask, score, list(box), source)
+        return LabelResult(label, mask, score, list(box), source, warning)
 
     def put(self, key: tuple, r: LabelResult) -> None:
         if self.max_entries:
-            super().put(key, (np.packbits(r.mask), r.mask.shape, r.label, r.score, tuple(r.box), r.prompt_source))
+            super().put(key, (np.packbits(r.mask), r.mask.shape, r.label, r.score, tuple(r.box), r.prompt_source,
+                              r.warning))
 
 
 def grow_box(box, fraction: float, shape: tuple[int, int]) -> np.ndarray:
