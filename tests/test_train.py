@@ -11,7 +11,8 @@ import torch
 from conftest import SAMPLE
 from xray_textseg.adapters import AdapterError, AdapterStore, load_adapter
 from xray_textseg.backbones import build_backbone, cpu_has_bf16
-from xray_textseg.predictor import Predictor
+from xray_textseg.metrics import dice
+from xray_textseg.predictor import ADAPTER_USER_BOX_GROW, Predictor, grow_box
 from xray_textseg.text import TextEncoder
 from xray_textseg.priors import PriorBoxes, mask_thickness
 from xray_textseg.train import (TrainConfig, Trainer, TrainingStopped, _shift_box, auto_mode, cached_variants_for,
@@ -147,6 +148,29 @@ def test_adapter_carries_per_label_growth_chosen_on_validation(setup):
     assert wide[2] - wide[0] > narrow[2] - narrow[0] and wide[3] - wide[1] > narrow[3] - narrow[1]
     p.unload_adapter()
     assert p.label_grow == {} and p.grow_for("heart") == 0.2
+
+
+def test_a_user_box_is_grown_as_the_adapter_was_trained_before_its_fine_pass(setup):
+    """An adapter's fine crops were cut round true boxes grown by up to 0.3 per side, so a box drawn tight round the
+    structure is grown by ADAPTER_USER_BOX_GROW before the fine pass (zero-shot it is used as drawn), and a grown
+    box answers another mask than the box as drawn."""
+    item = next(it for it in setup["items"] if it.name in setup["meta"]["val_names"])
+    ys, xs = np.nonzero(item.masks["heart"])
+    box = [float(xs.min()), float(ys.min()), float(xs.max()), float(ys.max())]
+    p = Predictor(setup["backbone"], labels=LABELS, text_encoder=setup["encoder"])
+    p.set_image(item.image)
+    assert p.user_box_grow == 0.0 and p.predict("heart", boxes={"heart": box}).results[0].box == box
+    p.load_adapter(setup["path"])
+    assert p.user_box_grow == ADAPTER_USER_BOX_GROW > 0
+    grown = p.predict("heart", boxes={"heart": box}).results[0]
+    assert grown.box == pytest.approx([float(v) for v in grow_box(box, ADAPTER_USER_BOX_GROW, item.image.shape)])
+    assert grown.prompt_source == "user_box" and dice(grown.mask, item.masks["heart"] > 0) > 0.7
+    p.user_box_grow = 0.0  # a setting of its own in the result cache: the box as drawn is decoded anew
+    as_drawn = p.predict("heart", boxes={"heart": box})
+    assert as_drawn.cache["result_hits"] == 0 and as_drawn.results[0].box == box
+    assert not np.array_equal(as_drawn.results[0].mask, grown.mask)
+    p.unload_adapter()
+    assert p.user_box_grow == 0.0
 
 
 def test_relative_priors_place_each_clavicle_from_the_lung_on_its_side():
