@@ -42,10 +42,10 @@ from .transforms import View, largest_component, mask_box
 from .vocabulary import ALL_LABELS, ParsedLabel, parse_prompt
 
 # An adapter's fine pass is trained on crops around the true box grown by U(-0.05, 0.3) per side
-# (``train.make_example``), so a box drawn tight round the structure sits at the edge of what it saw: a user box
-# is grown by 0.1 per side before its fine pass. Measured on the test films of 4 adapters (docs/results.md,
-# "A user box is grown before the fine pass"): clavicles from a tight box 0.871/0.899 -> 0.902/0.905, from a box
-# whose sides are off by up to 10 % either way 0.836/0.849 -> 0.887/0.865.
+# (``train.draw_example``), so a box drawn tight round the structure sits at the edge of what it saw: a user box
+# is grown by 0.1 per side before its fine pass. Measured on the test films of 2 JSRT adapters (docs/results.md,
+# "A user box is grown before the adapter's fine pass"): clavicles from a tight box 0.871/0.899 -> 0.902/0.905,
+# from a box whose sides are off by up to 10 % either way 0.836/0.849 -> 0.887/0.865.
 ADAPTER_USER_BOX_GROW = 0.1
 
 PRECISIONS = ("fp32", "tf32", "bf16")
