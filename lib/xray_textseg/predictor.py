@@ -234,7 +234,7 @@ class Predictor:
             self.label_grow = {str(k): float(v) for k, v in serving.get("coarse_grow", {}).items()}
             self.label_prompt = {str(k): str(v) for k, v in serving.get("coarse_prompt", {}).items()}
             self.mid_labels = tuple(self.priors.mid_labels(meta.get("labels", ()))) if trained.get("mid_view") else ()
-            self.user_box_grow = float(serving.get("user_box_grow", ADAPTER_USER_BOX_GROW))
+            self.user_box_grow = ADAPTER_USER_BOX_GROW
             self._generation += 1
 
     def unload_adapter(self) -> None:
