@@ -22,8 +22,8 @@ cache (the other rows run with it off, so they time decoding).
 Before/after rows: embedding cache off (``cache_size=0``), prompts sent one per request instead of in one
 decoder pass, batched fine pass off (``batch_fine=False``), encoder and decoder in PyTorch instead of ONNX Runtime
 (CPU), autograd mode (grad / no_grad / inference_mode, PyTorch only) for encoder and decoder, intra-op threads
-(``--threads 1 2``), LoRA adapter merged vs unmerged, and on CUDA precision fp32 / TF32 / bf16 with encoder
-throughput at batch 1 / 4 / 16 (larger batches).
+(``--threads 1 2``), LoRA adapter merged vs unmerged and its merged encoder in ONNX Runtime vs PyTorch (CPU), and
+on CUDA precision fp32 / TF32 / bf16 with encoder throughput at batch 1 / 4 / 16 (larger batches).
 """
 
 from __future__ import annotations
@@ -279,7 +279,10 @@ def main(argv=None) -> int:
         ("encode, no_grad", "encode, inference_mode", "inference_mode vs no_grad (encoder)"),
         ("decode 5 prompts, grad", "decode 5 prompts, inference_mode", "inference_mode vs autograd on (decoder)"),
         ("decode 5 prompts, no_grad", "decode 5 prompts, inference_mode", "inference_mode vs no_grad (decoder)"),
-        ("encode, LoRA unmerged", "encode, LoRA merged", "adapter merged into the encoder"),
+        ("encode, LoRA unmerged", "encode, LoRA merged", "adapter merged into the encoder (+ ONNX Runtime on CPU)"),
+        ("encode, LoRA merged, PyTorch", "encode, LoRA merged", "ONNX Runtime for the adapter's encoder"),
+        ("cold, 1 prompt, LoRA merged, PyTorch encoder", "cold, 1 prompt, LoRA merged",
+         "ONNX Runtime for the adapter's encoder, cold request"),
         ("5 prompts, new image, LoRA unmerged", "5 prompts, new image, LoRA merged", "adapter merge, request"),
     ]
     if args.threads is None or len(args.threads) > 1:
@@ -428,7 +431,8 @@ def adapter_merge(pred, images: list[Path], prompts: list[str], record, timed) -
                             metadata={"backbone": pred.backbone.name, "text_encoder": enc.name, "text_dim": enc.dim,
                                       "n_tokens": 4, "head_hidden": 256, "labels": [p.replace(" ", "_") for p in prompts]})
         five = ", ".join(prompts)
-        for img in images:
+        bb = pred.backbone
+        for r, img in enumerate(images):
             for merge in (True, False):
                 tag = "merged" if merge else "unmerged"
                 pred.load_adapter(path, merge=merge)
@@ -436,9 +440,22 @@ def adapter_merge(pred, images: list[Path], prompts: list[str], record, timed) -
                 pred.set_image(load_radiograph(img))
                 x = pred.coarse_view().model_input(pred._image.pixels)
                 dt, _ = timed(pred._encode, x)
-                record(f"encode, LoRA {tag}", dt, "whole film, batch 1")
+                record(f"encode, LoRA {tag}", dt, "whole film, batch 1 (merged: ONNX Runtime on the CPU)")
                 dt, _ = timed(pred.predict, five)
                 record(f"5 prompts, new image, LoRA {tag}", dt, "text tokens + adapter, cache cleared")
+                if merge and bb._ort_adapter_encoders:  # before: the merged encoder in PyTorch
+                    pred.cache.clear()
+                    dt, _ = timed(pred.predict, prompts[r % len(prompts)])
+                    record("cold, 1 prompt, LoRA merged", dt, "new image with a LoRA adapter served")
+                    saved, bb._ort_adapter_encoders = bb._ort_adapter_encoders, []
+                    try:
+                        dt, _ = timed(pred._encode, x)
+                        record("encode, LoRA merged, PyTorch", dt, "before: the adapter's encoder in PyTorch eager")
+                        pred.cache.clear()
+                        dt, _ = timed(pred.predict, prompts[r % len(prompts)])
+                        record("cold, 1 prompt, LoRA merged, PyTorch encoder", dt, "before: adapter encodes in PyTorch")
+                    finally:
+                        bb._ort_adapter_encoders = saved
         pred.unload_adapter()
         pred.cache.clear()
 

@@ -130,7 +130,70 @@ def test_broken_onnx_graph_falls_back_then_is_rebuilt(tmp_path):
 
 
 def _encoder_graphs(folder):
-    return [p for p in folder.glob("*.onnx") if "_decoder_" not in p.name]
+    """The base encoders' graphs (not the decoders', not the adapters' merged encoders')."""
+    return [p for p in folder.glob("*.onnx") if "_decoder_" not in p.name and "_encoder_" not in p.name]
+
+
+def _merged_lora(bb, seed=0):
+    """An adapter's encoder as ``Predictor.load_adapter`` makes it: a LoRA merged into a copy of the base encoder,
+    its A and B matrices drawn from ``seed`` (a fresh LoRA's B is zero) so that it computes something else."""
+    import copy
+
+    from xray_textseg.adapters import lora_encoder
+
+    peft = lora_encoder(copy.deepcopy(bb.image_encoder))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in peft.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * (0.05 if "lora_B" in name else 0.1))
+    return peft.merge_and_unload().eval()
+
+
+def test_an_adapters_merged_encoder_encodes_through_its_own_graph(tmp_path):
+    from xray_textseg.backbones import KEEP_ADAPTER_ENCODER_SESSIONS
+
+    bb = build_backbone(device="cpu")
+    base = bb.image_encoder
+    x = View.full((300, 200), 256, stretch=False).model_input(np.random.default_rng(3).random((300, 200)))
+    merged = _merged_lora(bb)
+    with torch.inference_mode():
+        base_ref, ref = base(x), merged(x)
+    assert float((ref - base_ref).abs().max()) > 1e-2  # the LoRA changes the embedding
+    assert not bb.prepare_onnxruntime_encoder(merged)  # ONNX Runtime off: nothing exported
+    assert bb.enable_onnxruntime(tmp_path)
+    assert bb.prepare_onnxruntime_encoder(merged)
+    (graph,) = tmp_path.glob("*_encoder_*.onnx")
+    bb.image_encoder = merged  # installed, as load_adapter does
+    with torch.inference_mode():
+        fast = bb.encode(x)
+        assert float((fast - ref).abs().max()) < 1e-4 and not torch.equal(fast, ref)  # ONNX Runtime answered
+        bb.image_encoder = base  # unloaded: the base graph answers again
+        back = bb.encode(x)
+        assert float((back - base_ref).abs().max()) < 1e-4 and not torch.equal(back, base_ref)
+    # the same adapter in another process (the server, after the training run that validated it): the graph on
+    # disk is reused, nothing exported again
+    inode = graph.stat().st_ino
+    server = build_backbone(device="cpu")
+    assert server.enable_onnxruntime(tmp_path)
+    same = _merged_lora(server)
+    assert server.prepare_onnxruntime_encoder(same)
+    assert graph.stat().st_ino == inode and len(list(tmp_path.glob("*_encoder_*.onnx"))) == 1
+    server.image_encoder = same
+    with torch.inference_mode():
+        assert torch.equal(server.encode(x), fast)
+    # weights changed in place after the export: PyTorch answers, not the stale graph
+    bb.image_encoder = merged
+    with torch.no_grad():
+        next(merged.parameters()).mul_(0.5)
+    with torch.inference_mode():
+        assert torch.equal(bb.encode(x), merged(x))
+    # every newer adapter gets a graph of its own; only the newest sessions are kept
+    for seed in range(1, KEEP_ADAPTER_ENCODER_SESSIONS + 2):
+        assert bb.prepare_onnxruntime_encoder(_merged_lora(bb, seed))
+    assert len(bb._ort_adapter_encoders) == KEEP_ADAPTER_ENCODER_SESSIONS
+    assert len(list(tmp_path.glob("*_encoder_*.onnx"))) == KEEP_ADAPTER_ENCODER_SESSIONS + 2
+    assert len(_encoder_graphs(tmp_path)) == 1  # the base graph is another kind: never pruned for adapters
 
 
 def _decode_inputs(bb, n=3, seed=0):
@@ -203,7 +266,7 @@ def test_onnxruntime_decoder_matches_pytorch_and_follows_the_weights(tmp_path):
 def test_graphs_on_disk_are_pruned(tmp_path):
     import os
 
-    from xray_textseg.backbones import KEEP_DECODER_GRAPHS, KEEP_ENCODER_GRAPHS
+    from xray_textseg.backbones import KEEP_ADAPTER_ENCODER_GRAPHS, KEEP_DECODER_GRAPHS, KEEP_ENCODER_GRAPHS
 
     def old_graphs(pattern, n):  # graphs of adapters retrained long ago, of venvs since removed
         for i in range(n):
@@ -213,12 +276,19 @@ def test_graphs_on_disk_are_pruned(tmp_path):
 
     old_graphs("litemedsam_decoder_{:016d}_torch0.onnx", KEEP_DECODER_GRAPHS + 3)
     old_graphs("litemedsam_{:012d}_256_torch0.onnx", KEEP_ENCODER_GRAPHS + 2)
+    old_graphs("litemedsam_encoder_{:016d}_256_torch0.onnx", KEEP_ADAPTER_ENCODER_GRAPHS + 1)
     (tmp_path / "notes.txt").write_text("not a graph")
     bb = build_backbone(device="cpu")
     assert bb.enable_onnxruntime(tmp_path)
     decoders = {p.name for p in tmp_path.glob("*_decoder_*.onnx")}
     encoders = {p.name for p in _encoder_graphs(tmp_path)}
     assert len(decoders) == KEEP_DECODER_GRAPHS and len(encoders) == KEEP_ENCODER_GRAPHS
+    assert len(list(tmp_path.glob("*_encoder_*.onnx"))) == KEEP_ADAPTER_ENCODER_GRAPHS + 1  # not exported to yet
+    assert bb.prepare_onnxruntime_encoder(_merged_lora(bb))
+    adapters = {p.name for p in tmp_path.glob("*_encoder_*.onnx")}
+    assert len(adapters) == KEEP_ADAPTER_ENCODER_GRAPHS
+    assert adapters - {bb._ort_adapter_encoders[-1].path.name} == {
+        f"litemedsam_encoder_{i:016d}_256_torch0.onnx" for i in range(2, KEEP_ADAPTER_ENCODER_GRAPHS + 1)}
     # the new graphs and the most recently used old ones stay
     assert decoders - {bb._ort_decoders[-1].path.name} == {
         f"litemedsam_decoder_{i:016d}_torch0.onnx" for i in range(4, KEEP_DECODER_GRAPHS + 3)}

@@ -171,12 +171,14 @@ def test_right_lung_on_a_real_jsrt_film(fresh_predictor):
     assert dice(mask, truth_l) < 0.1
 
 
-def _adapter(tmp_path, predictor, name: str, lora: bool):
+def _adapter(tmp_path, predictor, name: str, lora: bool, lora_seed: int | None = None):
     """A valid adapter written with the real ``save_adapter`` without training: an untrained head marked usable,
-    the base decoder and, with ``lora``, a fresh (zero-initialised) encoder LoRA. Its predictions mean nothing;
+    the base decoder and, with ``lora``, a fresh (zero-initialised) encoder LoRA, or with ``lora_seed`` one whose
+    matrices are drawn from that seed (an encoder that computes something else). Its predictions mean nothing;
     it exercises loading and the cache keys."""
     import copy
 
+    import torch
     from xray_textseg.adapters import lora_encoder, save_adapter
     from xray_textseg.text import PromptHead
 
@@ -184,6 +186,12 @@ def _adapter(tmp_path, predictor, name: str, lora: bool):
     head = PromptHead(enc.dim, n_tokens=4, hidden=64)
     head.trained.fill_(True)
     peft = lora_encoder(copy.deepcopy(predictor.backbone.image_encoder)) if lora else None
+    if peft is not None and lora_seed is not None:
+        g = torch.Generator().manual_seed(lora_seed)
+        with torch.no_grad():
+            for key, w in peft.named_parameters():
+                if "lora_" in key:
+                    w.copy_(torch.randn(w.shape, generator=g) * (0.02 if "lora_B" in key else 0.1))
     meta = {"backbone": predictor.backbone.name, "text_encoder": enc.name, "text_dim": enc.dim, "n_tokens": 4,
             "head_hidden": 64, "labels": ["heart", "left_lung"]}
     return save_adapter(tmp_path / name, head=head, decoder=predictor.backbone.mask_decoder, encoder_peft=peft,
@@ -207,6 +215,35 @@ def test_cache_follows_the_encoder_across_adapter_changes(fresh_predictor, tmp_p
     p.unload_adapter()
     pred = p.predict("heart", refine=False)
     assert pred.mode == "zero-shot" and pred.cache == hit
+
+
+def test_a_lora_adapter_encodes_through_onnxruntime_with_pytorchs_masks(fresh_predictor, tmp_path):
+    """The served CPU predictor runs a LoRA adapter's merged encoder through ONNX Runtime (a graph of its own), with
+    the masks PyTorch gives; unloading goes back to the base graph."""
+    p = fresh_predictor
+    bb = p.backbone
+    assert bb._ort is not None, "the served CPU predictor runs ONNX Runtime"
+    p.load_adapter(_adapter(tmp_path, p, "lora_random", lora=True, lora_seed=0))
+    fast_encoder = bb._ort_adapter_encoders[-1]
+    assert fast_encoder.source is bb.image_encoder and "_encoder_" in fast_encoder.path.name
+    p.set_image(SAMPLE / "images" / "chest_001.png")
+    prompt = "heart, left lung, right clavicle"
+    fast = p.predict(prompt)
+    saved, bb._ort_adapter_encoders = bb._ort_adapter_encoders, []  # the same adapter encoded in PyTorch
+    try:
+        p.cache.clear()
+        p.results.clear()
+        ref = p.predict(prompt)
+    finally:
+        bb._ort_adapter_encoders = saved
+    for a, b in zip(fast.results, ref.results):
+        assert a.label == b.label and a.mask.any()
+        assert dice(a.mask, b.mask) > 0.995
+    base = _adapter(tmp_path, p, "lora_zero", lora=True)  # a fresh LoRA: the base weights under another graph
+    p.load_adapter(base)
+    assert bb._ort_adapter_encoders[-1].source is bb.image_encoder
+    p.unload_adapter()
+    assert bb._ort.current(bb.image_encoder)
 
 
 def test_batched_fine_pass_matches_one_crop_at_a_time(fresh_predictor):

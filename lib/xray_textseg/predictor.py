@@ -185,7 +185,8 @@ class Predictor:
 
     def load_adapter(self, path, merge: bool = True) -> None:
         """Use the adapter in ``path`` (see ``adapters.py``) for all further predictions. ``merge`` folds the
-        LoRA weights into the encoder (no run-time overhead). The fine pass then cuts its crops with the
+        LoRA weights into the encoder (no run-time overhead; on the CPU it then encodes through ONNX Runtime, as the
+        base encoder does, with a graph exported once per adapter). The fine pass then cuts its crops with the
         adapter's training geometry (``crop_margin``, ``max_tile_aspect``) and grows each label's coarse box as the
         adapter's validation chose (``serving.coarse_grow``). Raises AdapterError when it does not fit."""
         import copy
@@ -214,7 +215,8 @@ class Predictor:
         if adapter.has_lora:
             encoder = lora_encoder(copy.deepcopy(base_encoder), adapter.path, trainable=False)
             if merge:
-                encoder = encoder.merge_and_unload()
+                encoder = encoder.merge_and_unload().eval()
+                self.backbone.prepare_onnxruntime_encoder(encoder)  # CPU encodes through ONNX Runtime when it is on
         dev = self.backbone.device
         decoder = decoder.to(dev).eval()
         self.backbone.prepare_onnxruntime_decoder(decoder)  # CPU decodes through ONNX Runtime when it is on
