@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import time
 
 import nibabel as nib
@@ -96,6 +97,11 @@ def test_saved_labels_trigger_training_and_promotion(server):
     adapted = [infer_dice(server, c) for c in HELD_OUT]
     assert all(p["mode"] == "adapter" and p["adapter"] == "v0001" for _, p in adapted)
     assert np.mean([d for d, _ in adapted]) > np.mean([d for d, _ in zero_shot])
+    if stats["mode"] == "lora":  # the LoRA encoder in ONNX Runtime: exported by the run that validated it, reused
+        log = server.log_path.read_text()  # by the server (training subprocess and server log to the same file)
+        graphs = re.findall(r"the adapter's encoder runs in ONNX Runtime \((\S+), (exported now|graph reused)", log)
+        # first the run's validation of v0001 (it exports the graph), last the server loading v0001 (it reuses it)
+        assert len(graphs) >= 2 and graphs[-1] == (graphs[0][0], "graph reused"), (graphs, server.log_tail())
 
 
 def test_stopping_a_run_keeps_the_current_adapter(server):

@@ -168,6 +168,8 @@ class Backbone(nn.Module):
             return False
         kept = [e for e in self._ort_adapter_encoders if e.source is not encoder]
         self._ort_adapter_encoders = kept[-(KEEP_ADAPTER_ENCODER_SESSIONS - 1):] + [fast]
+        logger.info("the adapter's encoder runs in ONNX Runtime (%s, %s)", fast.path.name,
+                    "exported now" if fast.fresh else "graph reused from disk")
         return True
 
     def prepare_onnxruntime_decoder(self, decoder: nn.Module | None = None) -> bool:
@@ -344,6 +346,7 @@ class OrtEncoder:
     def __init__(self, session, source: nn.Module, size: int, path: Path):
         self.session, self.source, self.shape, self.path = session, source, (1, 3, size, size), path
         self.versions = _versions(source)
+        self.fresh = False  # whether build exported the graph (True) or found it on disk
 
     @classmethod
     def build(cls, backbone: Backbone, cache_dir: Path, encoder: nn.Module | None = None) -> OrtEncoder:
@@ -358,6 +361,7 @@ class OrtEncoder:
         session, fresh = _exported_session(path, encoder, (torch.zeros(1, 3, size, size),),
                                            input_names=["x"], output_names=["embedding"])
         enc = cls(session, encoder, size, path)
+        enc.fresh = fresh
         if fresh:
             x = torch.rand(enc.shape, generator=torch.Generator().manual_seed(0))
             with torch.no_grad():
