@@ -382,10 +382,9 @@ class OrtEncoder:
             return False
 
     def applies(self, encoder: nn.Module, x: torch.Tensor) -> bool:
-        return (tuple(x.shape) == self.shape and x.dtype == torch.float32
-                and x.device.type == "cpu" and not torch.is_autocast_enabled("cpu")
-                and not (torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in encoder.parameters())))
-                and self.current(encoder))
+        training = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in encoder.parameters()))
+        return (tuple(x.shape) == self.shape and x.dtype == torch.float32 and x.device.type == "cpu"
+                and not torch.is_autocast_enabled("cpu") and not training and self.current(encoder))
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return torch.from_numpy(_run(self.session, {"x": x.detach().contiguous().numpy()})[0])
@@ -419,9 +418,9 @@ class _DecoderGraph(nn.Module):
         return logits, iou[:, 0]
 
 
-def _digest(module: nn.Module) -> str:
-    """16 hex digits of a hash of ``module``'s weights (names and values): the name of its exported graph."""
-    digest = hashlib.sha256()
+def _digest(module: nn.Module, prefix: bytes = b"") -> str:
+    """16 hex digits of a hash of ``prefix`` and ``module``'s weights (names and values): the name of its graph."""
+    digest = hashlib.sha256(prefix)
     for name, t in module.state_dict().items():
         digest.update(name.encode())
         digest.update(t.detach().to("cpu").contiguous().numpy().tobytes())
@@ -446,11 +445,8 @@ class OrtDecoder:
     def build(cls, backbone: Backbone, decoder: nn.Module, cache_dir: Path) -> OrtDecoder:
         with torch.no_grad():
             pe = backbone.prompt_encoder.get_dense_pe().detach().to("cpu", torch.float32).clone()
-        digest = hashlib.sha256(pe.numpy().tobytes())
-        for name, t in decoder.state_dict().items():
-            digest.update(name.encode())
-            digest.update(t.detach().to("cpu").contiguous().numpy().tobytes())
-        path = cache_dir / f"{backbone.name}_decoder_{digest.hexdigest()[:16]}_torch{torch.__version__}.onnx"
+        digest = _digest(decoder, pe.numpy().tobytes())
+        path = cache_dir / f"{backbone.name}_decoder_{digest}_torch{torch.__version__}.onnx"
         graph = _DecoderGraph(copy.deepcopy(decoder).to("cpu").eval(), pe)
         e = pe.shape[-1]
         example = (torch.zeros(1, 256, e, e), torch.zeros(1, 2, 256), torch.zeros(1, 256, e, e))
