@@ -152,8 +152,8 @@ class Backbone(nn.Module):
         """With ONNX Runtime on, make ``encoder`` (an adapter's: its LoRA merged into a copy of the base encoder, before
         the predictor installs it) encode through it: export its graph (~3 s on 2 cores, checked against PyTorch), or
         reuse the one on disk for the same weights (named by their hash, so the training run that validated an
-        adapter leaves the graph the server then loads). On 2 cores a merged LiteMedSAM encode took 0.74 s this way
-        against 1.71 s in PyTorch. False (PyTorch encodes) when ONNX Runtime is off or the export fails; an unmerged
+        adapter leaves the graph the server then loads). On 2 Zen 4 cores a merged LiteMedSAM encode took 0.66 s this
+        way against 1.89 s in PyTorch (benchmarks/inference.py). False (PyTorch encodes) when ONNX Runtime is off or the export fails; an unmerged
         peft encoder is never given to it. The served adapter's session and one more (a candidate being
         validated) are kept."""
         if self._ort_dir is None or self._ort is None:
