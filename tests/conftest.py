@@ -36,3 +36,15 @@ def fresh_predictor(predictor):
     predictor.unload_adapter() if hasattr(predictor, "unload_adapter") else None
     predictor.cache.clear()
     predictor.results.clear()
+
+
+def randomize_lora(peft, seed: int, b_scale: float) -> None:
+    """Draw a peft LoRA's A and B matrices from ``seed`` (a fresh LoRA's B is zero, so it computes what the base
+    encoder does): an adapter encoder that computes something else. A ~ N(0, 0.1), B ~ N(0, ``b_scale``)."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, w in peft.named_parameters():
+            if "lora_" in name:
+                w.copy_(torch.randn(w.shape, generator=g) * (b_scale if "lora_B" in name else 0.1))

@@ -7,6 +7,7 @@ import threading
 import numpy as np
 import pytest
 import torch
+from conftest import randomize_lora
 from xray_textseg.backbones import BackboneError, Interrupted, build_backbone, interruptible, resolve_device
 from xray_textseg.transforms import View
 
@@ -142,11 +143,7 @@ def _merged_lora(bb, seed=0):
     from xray_textseg.adapters import lora_encoder
 
     peft = lora_encoder(copy.deepcopy(bb.image_encoder))
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in peft.named_parameters():
-            if "lora_" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * (0.05 if "lora_B" in name else 0.1))
+    randomize_lora(peft, seed, b_scale=0.05)
     return peft.merge_and_unload().eval()
 
 

@@ -7,7 +7,7 @@ import time
 
 import numpy as np
 import pytest
-from conftest import SAMPLE, real_dir
+from conftest import SAMPLE, randomize_lora, real_dir
 from xray_textseg.io import load_mask, load_radiograph
 from xray_textseg.metrics import dice
 from xray_textseg.predictor import tile_boxes
@@ -178,7 +178,6 @@ def _adapter(tmp_path, predictor, name: str, lora: bool, lora_seed: int | None =
     it exercises loading and the cache keys."""
     import copy
 
-    import torch
     from xray_textseg.adapters import lora_encoder, save_adapter
     from xray_textseg.text import PromptHead
 
@@ -187,11 +186,7 @@ def _adapter(tmp_path, predictor, name: str, lora: bool, lora_seed: int | None =
     head.trained.fill_(True)
     peft = lora_encoder(copy.deepcopy(predictor.backbone.image_encoder)) if lora else None
     if peft is not None and lora_seed is not None:
-        g = torch.Generator().manual_seed(lora_seed)
-        with torch.no_grad():
-            for key, w in peft.named_parameters():
-                if "lora_" in key:
-                    w.copy_(torch.randn(w.shape, generator=g) * (0.02 if "lora_B" in key else 0.1))
+        randomize_lora(peft, lora_seed, b_scale=0.02)
     meta = {"backbone": predictor.backbone.name, "text_encoder": enc.name, "text_dim": enc.dim, "n_tokens": 4,
             "head_hidden": 64, "labels": ["heart", "left_lung"]}
     return save_adapter(tmp_path / name, head=head, decoder=predictor.backbone.mask_decoder, encoder_peft=peft,

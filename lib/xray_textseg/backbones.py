@@ -343,10 +343,10 @@ class OrtEncoder:
     """An ONNX Runtime session for one image encoder module (``source``) as its weights were at export, at input
     (1, 3, S, S)."""
 
-    def __init__(self, session, source: nn.Module, size: int, path: Path):
+    def __init__(self, session, source: nn.Module, size: int, path: Path, fresh: bool = False):
         self.session, self.source, self.shape, self.path = session, source, (1, 3, size, size), path
         self.versions = _versions(source)
-        self.fresh = False  # whether build exported the graph (True) or found it on disk
+        self.fresh = fresh  # whether build exported the graph (True) or found it on disk
 
     @classmethod
     def build(cls, backbone: Backbone, cache_dir: Path, encoder: nn.Module | None = None) -> OrtEncoder:
@@ -360,8 +360,7 @@ class OrtEncoder:
             path = cache_dir / f"{backbone.name}_encoder_{_digest(encoder)}_{size}_torch{torch.__version__}.onnx"
         session, fresh = _exported_session(path, encoder, (torch.zeros(1, 3, size, size),),
                                            input_names=["x"], output_names=["embedding"])
-        enc = cls(session, encoder, size, path)
-        enc.fresh = fresh
+        enc = cls(session, encoder, size, path, fresh)
         if fresh:
             x = torch.rand(enc.shape, generator=torch.Generator().manual_seed(0))
             with torch.no_grad():
@@ -382,9 +381,13 @@ class OrtEncoder:
             return False
 
     def applies(self, encoder: nn.Module, x: torch.Tensor) -> bool:
-        training = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in encoder.parameters()))
-        return (tuple(x.shape) == self.shape and x.dtype == torch.float32 and x.device.type == "cpu"
-                and not torch.is_autocast_enabled("cpu") and not training and self.current(encoder))
+        """Whether this graph answers ``encoder`` on ``x``; the cheap checks first: encode() asks every session."""
+        if encoder is not self.source or tuple(x.shape) != self.shape or x.dtype != torch.float32 \
+                or x.device.type != "cpu" or torch.is_autocast_enabled("cpu"):
+            return False
+        if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in encoder.parameters())):
+            return False  # training through the encoder needs PyTorch's autograd
+        return self.current(encoder)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return torch.from_numpy(_run(self.session, {"x": x.detach().contiguous().numpy()})[0])
