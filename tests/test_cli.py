@@ -42,6 +42,16 @@ def test_predict_label_map_with_names(tmp_path):
     assert femur_rows.mean() < tibia_rows.mean()  # femur above tibia
 
 
+def test_predict_with_the_starter_adapter(tmp_path):
+    out = tmp_path / "masks"
+    r = run_cli("predict", str(SAMPLE / "images" / "chest_000.png"), "-p", "left clavicle", "-o", str(out),
+                "--device", "cpu", "--adapter", "starter")
+    assert r.returncode == 0, r.stderr
+    assert "mode=adapter" in r.stdout and "(text)" in r.stdout  # the head's text prompt, not a prior box
+    left = load_mask(out / "chest_000_left_clavicle.png", (512, 512)) > 0
+    assert left.any() and np.nonzero(left)[1].mean() > 256  # the patient's left is the image right
+
+
 def test_unknown_label_exits_2_and_writes_nothing(tmp_path):
     out = tmp_path / "masks"
     r = run_cli("predict", str(SAMPLE / "images" / "chest_000.png"), "-p", "LL", "-o", str(out))

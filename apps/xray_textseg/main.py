@@ -26,7 +26,7 @@ from lib.infers import TextPromptSegmentation  # noqa: E402
 from lib.options import AppOptions  # noqa: E402
 from lib.safety import SafeLocalDatastore, check_infer_image, install_error_handlers  # noqa: E402
 from lib.trainers import EXTRA_ROUND, AdapterTrainer, extra_round_reason  # noqa: E402
-from xray_textseg.adapters import AdapterStore  # noqa: E402
+from xray_textseg.adapters import AdapterStore, install_starter  # noqa: E402
 from xray_textseg.io import write_atomic  # noqa: E402
 from xray_textseg.predictor import build_predictor  # noqa: E402
 from xray_textseg.prefetch import Prefetcher  # noqa: E402
@@ -46,6 +46,9 @@ class XrayTextSegApp(MONAILabelApp):
                                          labels=o.labels, refine=o.refine, cache_size=o.cache_size,
                                          text_encoder=o.text_encoder or None)
         self.store = AdapterStore(o.adapter_dir or os.path.join(app_dir, "model", "adapters"))
+        if o.starter_adapter:
+            _, why = install_starter(self.store, self.predictor.backbone, self.predictor.text_encoder)
+            logger.info("starter adapter: %s", why)
         self.prefetcher = Prefetcher(self.predictor) if o.prefetch or o.look_ahead else None
         self._autotrain_lock = threading.Lock()
         logger.info("adapter store %s, current adapter: %s", self.store.root, self.store.current() or "none")

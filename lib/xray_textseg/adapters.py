@@ -42,6 +42,7 @@ from .io import write_atomic
 LORA_TARGETS = r".*\.attn\.(qkv|proj)$"  # attention only: a plain ["qkv", "proj"] also hits patch_embed.proj
 METADATA = "metadata.json"
 FORMAT_VERSION = 1
+STARTER = Path(__file__).with_name("starter")
 
 logger = logging.getLogger(__name__)
 
@@ -155,6 +156,38 @@ def lora_encoder(encoder: torch.nn.Module, adapter_path: str | Path | None = Non
         return PeftModel.from_pretrained(encoder, str(adapter_path), is_trainable=trainable)
     config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, bias="none")
     return get_peft_model(encoder, config)
+
+
+def compatibility_problem(metadata: dict, backbone, text_encoder) -> str | None:
+    """Why an adapter with ``metadata`` does not fit ``backbone`` + ``text_encoder`` (a different backbone, backbone
+    weights or text encoder), or None when it fits."""
+    wanted = {"backbone": backbone.name, "backbone_checkpoint": os.path.basename(backbone.checkpoint or "random"),
+              "text_encoder": text_encoder.name, "text_dim": text_encoder.dim}
+    for key, value in wanted.items():
+        if metadata.get(key) != value:
+            return f"its {key} is {metadata.get(key)!r}, this model's is {value!r}"
+    return None
+
+
+def starter_adapter() -> Path | None:
+    """The starter adapter shipped in the package (``lib/xray_textseg/starter/``: LiteMedSAM + MiniLM, trained on
+    public chest and lower-limb films; its README.md says on which and how well it does), or None when missing."""
+    return STARTER if (STARTER / METADATA).is_file() else None
+
+
+def install_starter(store: AdapterStore, backbone, text_encoder) -> tuple[str | None, str]:
+    """Make the packaged starter adapter the first version of an *empty* ``store`` when it fits ``backbone`` and
+    ``text_encoder``. Returns (the installed version or None, why): a store that has versions is never touched."""
+    if store.versions() or store.current():
+        return None, f"{store.root} already has adapters"
+    starter = starter_adapter()
+    if starter is None:
+        return None, f"no starter adapter in this installation ({STARTER})"
+    problem = compatibility_problem(json.loads((starter / METADATA).read_text()), backbone, text_encoder)
+    if problem:
+        return None, f"the starter adapter does not fit: {problem}"
+    version = store.install(starter, "starter adapter shipped with xray_textseg (public development films)")
+    return version, f"installed the starter adapter as {version}"
 
 
 # --- the store ----------------------------------------------------------------------------------------
@@ -277,6 +310,30 @@ class AdapterStore:
             ptr.setdefault("log", []).append({"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "version": version,
                                               "reason": reason})
             self._write_pointer(ptr)
+
+    def install(self, source: str | Path, reason: str) -> str:
+        """Copy the complete adapter ``source`` into the store as a new version and make it current (the starter
+        adapter of an empty store). Atomic like :func:`save_adapter`: a crash leaves no version, only debris that
+        :meth:`cleanup_partial` removes. Returns the version."""
+        load_adapter(source)  # AdapterError when incomplete
+        dest = self.new_version_path()
+        tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=self.root))
+        try:
+            for p in Path(source).iterdir():
+                if p.is_file() and p.name != METADATA:
+                    shutil.copyfile(p, tmp / p.name)
+            meta = json.loads((Path(source) / METADATA).read_text())
+            meta.update(version=dest.name, installed_from=str(source), installed=time.strftime("%Y-%m-%dT%H:%M:%S"))
+            (tmp / METADATA).write_text(json.dumps(meta, indent=2))
+            for p in tmp.iterdir():
+                with open(p, "rb") as f:
+                    os.fsync(f.fileno())
+            os.replace(tmp, dest)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        self.set_current(dest.name, reason)
+        return dest.name
 
     def cleanup_partial(self) -> list[str]:
         """Remove temporary directories left by an interrupted save (never a complete version)."""

@@ -2,7 +2,7 @@
 
     xray-textseg info
     xray-textseg predict IMAGE --prompt "left lung" [--prompt heart ...] -o OUT
-    xray-textseg evaluate --data DIR [--adapter DIR] [--mode text|zero-shot|oracle-box] [--limit N]
+    xray-textseg evaluate --data DIR [--adapter DIR|starter] [--mode text|zero-shot|oracle-box] [--limit N]
     xray-textseg train --data DIR --out ADAPTER_DIR [--mode auto|lora|cached] [--epochs N]
     xray-textseg make-sample-data --out sample_data
 
@@ -28,7 +28,20 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--labels", default="both", help="chest | lower_limb | both | comma list of labels")
     p.add_argument("--no-refine", action="store_true", help="one coarse pass only (faster, less accurate)")
     p.add_argument("--text-encoder", default=None, help="local Hugging Face model folder (default: MiniLM)")
-    p.add_argument("--adapter", default=None, help="a trained adapter directory (default: none, zero-shot)")
+    p.add_argument("--adapter", default=None, type=_adapter_path,
+                   help="a trained adapter directory, or 'starter': the packaged one (default: none, zero-shot)")
+
+
+def _adapter_path(value: str) -> str:
+    """An adapter argument: a directory, or ``starter`` for the packaged starter adapter."""
+    if value != "starter":
+        return value
+    from .adapters import starter_adapter
+
+    path = starter_adapter()
+    if path is None:
+        raise argparse.ArgumentTypeError("this installation has no starter adapter (lib/xray_textseg/starter/)")
+    return str(path)
 
 
 def _predictor(args):
@@ -247,9 +260,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fine-sampling", default="uniform", choices=["uniform", "error"],
                    help="lora mode: fine crops per label and epoch, one each (uniform) or shared out by the last "
                         "validation error, so labels still learning get more (error)")
-    p.add_argument("--init-from", default=None, metavar="ADAPTER",
-                   help="continue from this adapter's weights (head, decoder, encoder LoRA) instead of the base "
-                        "model; its training and validation films keep their sides of the split")
+    p.add_argument("--init-from", default=None, metavar="ADAPTER", type=_adapter_path,
+                   help="continue from this adapter's weights (head, decoder, encoder LoRA; 'starter': the packaged "
+                        "one) instead of the base model; its training and validation films keep their sides of the split")
     p.add_argument("--seed", type=int, default=0)
     _add_model_options(p)
     p.set_defaults(func=cmd_train)

@@ -269,18 +269,17 @@ def continue_problem(adapter_dir: str | Path, backbone: Backbone, text_encoder: 
     when it can: the adapter must be complete and made for the same backbone and text encoder, with the same prompt
     head shape; one with encoder LoRA needs a lora-mode run with the same LoRA rank, alpha and target modules (an
     adapter without LoRA can start a lora-mode run: its new LoRA starts as the identity)."""
-    from .adapters import AdapterError, load_adapter
+    from .adapters import AdapterError, compatibility_problem, load_adapter
 
     try:
         adapter = load_adapter(adapter_dir)
     except AdapterError as exc:
         return str(exc)
     meta = adapter.metadata
-    wanted = {"backbone": backbone.name,
-              "backbone_checkpoint": os.path.basename(backbone.checkpoint or "random"),
-              "text_encoder": text_encoder.name, "text_dim": text_encoder.dim,
-              "n_tokens": cfg.n_tokens, "head_hidden": cfg.head_hidden}
-    for key, value in wanted.items():
+    problem = compatibility_problem(meta, backbone, text_encoder)
+    if problem:
+        return problem
+    for key, value in (("n_tokens", cfg.n_tokens), ("head_hidden", cfg.head_hidden)):
         if meta.get(key) != value:
             return f"its {key} is {meta.get(key)!r}, this run's is {value!r}"
     if adapter.has_lora:

@@ -38,6 +38,7 @@ class AppOptions:
     prefetch: bool = True  # warm the image active learning proposes (film + the labels of the last prompt)
     look_ahead: bool = True  # after a prompt, segment the film's other labels of that region in the background
     adapter_dir: str = ""  # adapter store; empty = <app>/model/adapters
+    starter_adapter: bool = True  # an empty adapter store starts from the packaged starter adapter (else zero-shot)
     auto_train_after: int = 5  # retrain after this many newly saved final labels; 0 disables
     retrain_interval: str = ""  # e.g. 24h, 30m: retrain on a schedule when new labels arrived; empty = off
     min_train_images: int = 2  # fewer labelled images than this: no training run

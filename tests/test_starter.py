@@ -1,0 +1,141 @@
+"""The starter adapter shipped in the package: installed into an empty store only, atomically, when it fits the
+model; served by a fresh server out of the box; and better than zero-shot on public films it never saw."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from conftest import SAMPLE, real_dir
+from server import Server, copy_studies
+from test_server_e2e import _multipart, read_label_map
+
+from xray_textseg.adapters import (METADATA, AdapterError, AdapterStore, compatibility_problem, install_starter,
+                                   load_adapter, starter_adapter)
+from xray_textseg.io import load_mask
+from xray_textseg.metrics import dice
+from xray_textseg.train import load_folder
+
+
+def test_the_package_ships_a_complete_starter_adapter():
+    path = starter_adapter()
+    assert path is not None, "lib/xray_textseg/starter/ is missing or incomplete"
+    adapter = load_adapter(path)
+    meta = adapter.metadata
+    assert adapter.has_lora and meta["backbone"] == "litemedsam" and meta["backbone_checkpoint"] == "lite_medsam.pth"
+    assert set(meta["labels"]) == {"left_lung", "right_lung", "heart", "left_clavicle", "right_clavicle", "femur",
+                                   "tibia"}
+    assert (path / "README.md").read_text().count("research") >= 1  # the data terms travel with the weights
+
+
+def test_an_empty_store_gets_the_starter_once(tmp_path, predictor):
+    store = AdapterStore(tmp_path / "adapters")
+    version, why = install_starter(store, predictor.backbone, predictor.text_encoder)
+    assert version == "v0001" and store.current() == "v0001", why
+    installed = store.path("v0001")
+    for p in starter_adapter().iterdir():
+        if p.name != METADATA:
+            assert (installed / p.name).read_bytes() == p.read_bytes(), p.name
+    meta = store.metadata("v0001")
+    assert meta["version"] == "v0001" and meta["installed_from"] == str(starter_adapter())
+    assert not [p for p in store.root.iterdir() if p.name.startswith(".")]  # no staging debris
+
+    again, why = install_starter(store, predictor.backbone, predictor.text_encoder)
+    assert again is None and "already has adapters" in why
+    assert store.versions() == ["v0001"] and len(store.pointer()["log"]) == 1
+
+
+def test_a_store_with_adapters_is_never_touched(tmp_path, predictor):
+    store = AdapterStore(tmp_path / "adapters")
+    shutil.copytree(starter_adapter(), store.path("v0001"))  # a version trained earlier, never promoted
+    version, why = install_starter(store, predictor.backbone, predictor.text_encoder)
+    assert version is None and "already has adapters" in why
+    assert store.current() is None and store.versions() == ["v0001"]
+
+
+def test_the_starter_fits_only_its_backbone_and_text_encoder(predictor):
+    """Its head was trained on MiniLM's embeddings and its LoRA on LiteMedSAM: for a server with another text encoder
+    (name or width) or other backbone weights :func:`install_starter` leaves the store empty (zero-shot)."""
+    meta = load_adapter(starter_adapter()).metadata
+    assert compatibility_problem(meta, predictor.backbone, predictor.text_encoder) is None
+    for key, other in (("text_encoder", "BiomedCLIP-PubMedBERT"), ("text_dim", 512),
+                       ("backbone", "medsam_vit_b"), ("backbone_checkpoint", "my_litemedsam.pth")):
+        problem = compatibility_problem({**meta, key: other}, predictor.backbone, predictor.text_encoder)
+        assert problem and key in problem and str(other) in problem, key
+
+
+def test_an_incomplete_source_leaves_the_store_empty(tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(starter_adapter(), broken)
+    (broken / METADATA).unlink()
+    store = AdapterStore(tmp_path / "adapters")
+    with pytest.raises(AdapterError, match="incomplete adapter"):
+        store.install(broken, "test")
+    assert list(store.root.iterdir()) == []
+
+
+@pytest.mark.real_data
+def test_the_starter_beats_zero_shot_on_development_films_it_never_saw(fresh_predictor):
+    """Two chest and two long-leg films the starter neither trained nor validated on (a same-source check: the
+    held-back films of other hospitals are what judge it; docs/results.md). Zero-shot gets clavicles ~0.44 and
+    long bones ~0.33 on these sets."""
+    meta = load_adapter(starter_adapter()).metadata
+    seen = set(meta["train_names"]) | set(meta["val_names"])
+    items = []
+    for folder in ("jsrt_chest", "oai_lower_limb"):
+        cases = sorted(p.stem for p in (real_dir(folder) / "images").iterdir())
+        unseen = [c for c in cases if c not in seen][:2]
+        assert len(unseen) == 2, folder
+        items += load_folder(real_dir(folder), names=unseen)
+    fresh_predictor.load_adapter(starter_adapter())
+    scores: dict[str, list[float]] = {}
+    for item in items:
+        pred = fresh_predictor.predict(list(item.masks), image=item.image)
+        assert pred.mode == "adapter"
+        for label, truth in item.masks.items():
+            scores.setdefault(label, []).append(dice(pred.mask(label), truth))
+    mean = {k: float(np.mean(v)) for k, v in scores.items()}
+    floor = {"left_lung": 0.9, "right_lung": 0.9, "heart": 0.8, "left_clavicle": 0.6, "right_clavicle": 0.6,
+             "femur": 0.75, "tibia": 0.75}
+    assert all(mean[k] >= v for k, v in floor.items()), mean
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    root = tmp_path_factory.mktemp("starter")
+    studies = copy_studies(root / "studies", ["chest_000.png", "limb_000.png"])
+    srv = Server(studies, conf={"adapter_dir": str(root / "adapters"), "starter_adapter": "true",
+                                "auto_train_after": "0"})
+    try:
+        srv.info = srv.wait_ready()
+        srv.adapters = root / "adapters"
+        yield srv
+    finally:
+        srv.stop()
+
+
+def test_a_fresh_server_serves_the_starter(server):
+    """The product default: ``monailabel start_server`` on a new store segments with the starter adapter."""
+    ptr = json.loads((server.adapters / "current.json").read_text())
+    assert ptr["current"] == "v0001" and "starter adapter" in ptr["log"][0]["reason"]
+    r = server.client.post("/infer/xray_textseg", params={"image": "chest_000", "output": "json"},
+                           data={"params": json.dumps({"prompt": "left lung"})})
+    assert r.status_code == 200, r.text
+    params = r.json()
+    assert params["mode"] == "adapter" and params["adapter"] == "v0001", params
+    assert "installed the starter adapter as v0001" in server.log_tail(400)
+
+
+def test_the_starter_segments_a_synthetic_film(server):
+    """Trained on real films only, it still finds the lungs of our synthetic sample film (the quick start)."""
+    r = server.client.post("/infer/xray_textseg", params={"image": "chest_000", "output": "all"},
+                           data={"params": json.dumps({"prompt": "left lung, right lung"})})
+    assert r.status_code == 200, r.text
+    parts = _multipart(r)
+    values = json.loads(parts["params"])["label_names"]
+    lm = read_label_map(parts["image"])
+    for lab in ("left_lung", "right_lung"):
+        truth = load_mask(SAMPLE / "labels" / lab / "chest_000.png", (512, 512)) > 0
+        assert dice(lm == values[lab], truth) > 0.5, lab
