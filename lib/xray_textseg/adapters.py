@@ -20,7 +20,9 @@ the whole adapter or nothing.
 The :class:`AdapterStore` keeps numbered versions under one folder with a ``current`` pointer
 (a small JSON file replaced atomically). :meth:`AdapterStore.promote` accepts a candidate only if
 its validation Dice is not worse than the current adapter's on the same validation images;
-:meth:`AdapterStore.rollback` returns to the previous promoted version.
+:meth:`AdapterStore.rollback` returns to the previous promoted version. :func:`install_starter` gives an empty
+store the *starter adapter* shipped in ``starter/`` (trained on public development films; its README.md) as its
+first version.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ import shutil
 import tempfile
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -86,8 +89,7 @@ def save_adapter(out_dir: str | Path, *, head: torch.nn.Module, decoder: torch.n
     if out_dir.exists():
         raise AdapterError(f"adapter directory already exists: {out_dir}")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with _staged(out_dir) as tmp:
         if encoder_peft is not None:
             encoder_peft.save_pretrained(str(tmp))
         save_file(_half(head), str(tmp / "head.safetensors"))
@@ -98,6 +100,16 @@ def save_adapter(out_dir: str | Path, *, head: torch.nn.Module, decoder: torch.n
         meta.setdefault("version", out_dir.name)
         meta["size_bytes"] = sum(p.stat().st_size for p in tmp.iterdir())
         (tmp / METADATA).write_text(json.dumps(meta, indent=2))  # written last: its presence marks completeness
+    return out_dir
+
+
+@contextmanager
+def _staged(out_dir: Path):
+    """A temporary sibling of ``out_dir`` (``.<name>.*``, what :meth:`AdapterStore.cleanup_partial` removes) to fill
+    in the block; its files are fsynced and it is renamed to ``out_dir`` when the block ends, removed when it raises."""
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        yield tmp
         for p in tmp.iterdir():
             with open(p, "rb") as f:
                 os.fsync(f.fileno())
@@ -105,7 +117,6 @@ def save_adapter(out_dir: str | Path, *, head: torch.nn.Module, decoder: torch.n
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return out_dir
 
 
 def _half(module: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -317,21 +328,13 @@ class AdapterStore:
         :meth:`cleanup_partial` removes. Returns the version."""
         load_adapter(source)  # AdapterError when incomplete
         dest = self.new_version_path()
-        tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=self.root))
-        try:
+        with _staged(dest) as tmp:
             for p in Path(source).iterdir():
                 if p.is_file() and p.name != METADATA:
                     shutil.copyfile(p, tmp / p.name)
             meta = json.loads((Path(source) / METADATA).read_text())
             meta.update(version=dest.name, installed_from=str(source), installed=time.strftime("%Y-%m-%dT%H:%M:%S"))
-            (tmp / METADATA).write_text(json.dumps(meta, indent=2))
-            for p in tmp.iterdir():
-                with open(p, "rb") as f:
-                    os.fsync(f.fileno())
-            os.replace(tmp, dest)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+            (tmp / METADATA).write_text(json.dumps(meta, indent=2))  # last, as save_adapter writes it
         self.set_current(dest.name, reason)
         return dest.name
 
