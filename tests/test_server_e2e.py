@@ -21,7 +21,8 @@ def server(tmp_path_factory):
     root = tmp_path_factory.mktemp("e2e")
     studies = copy_studies(root / "studies", ["chest_000.png", "chest_001.png", "limb_000.png"])
     shutil.copy(SAMPLE / "dicom" / "chest_000_mono1.dcm", studies)  # a DICOM DX study beside the PNGs
-    srv = Server(studies, conf={"adapter_dir": str(root / "adapters")})
+    # the product default: a new store gets the packaged starter adapter (tests/test_starter.py)
+    srv = Server(studies, conf={"adapter_dir": str(root / "adapters"), "starter_adapter": "true"})
     try:
         srv.info = srv.wait_ready()
         yield srv
@@ -55,7 +56,9 @@ def test_infer_left_lung(server):
     assert ctype.startswith("multipart/form-data")
     parts = _multipart(r)
     params = json.loads(parts["params"])
-    assert params["label_names"] == {"left_lung": 1} and params["mode"] == "zero-shot"
+    assert params["label_names"] == {"left_lung": 1}
+    assert params["mode"] == "adapter" and params["adapter"] == "v0001"  # the starter, from the first request
+    assert "installed the starter adapter as v0001" in server.log_tail(400)
     lm = read_label_map(parts["image"])
     assert lm.shape == (512, 512) and set(np.unique(lm)) <= {0, 1}
     truth = load_mask(SAMPLE / "labels" / "left_lung" / "chest_000.png", (512, 512)) > 0
@@ -117,7 +120,8 @@ def test_box_refinement_and_bad_box(server):
     r = server.client.post("/infer/xray_textseg", params={"image": "chest_000", "output": "json"},
                            data={"params": json.dumps({"prompt": "left lung", "box": box})})
     assert r.status_code == 200, r.text
-    assert r.json()["boxes"]["left_lung"] == [280.0, 60.0, 480.0, 420.0]
+    # the adapter's fine pass (the starter's here) prompts with the user box grown by 0.1 of its size per side
+    assert r.json()["boxes"]["left_lung"] == [260.0, 24.0, 500.0, 456.0]
     r = server.client.post("/infer/xray_textseg", params={"image": "chest_000"},
                            data={"params": json.dumps({"prompt": "left lung", "box": [5, 5, 1]})})
     assert r.status_code == 400 and "box" in r.text

@@ -1,20 +1,16 @@
 """The starter adapter shipped in the package: installed into an empty store only, atomically, when it fits the
-model; served by a fresh server out of the box; and better than zero-shot on public films it never saw."""
+model, and better than zero-shot on public films it never saw. A fresh server serving it: tests/test_server_e2e.py."""
 
 from __future__ import annotations
 
-import json
 import shutil
 
 import numpy as np
 import pytest
-from conftest import SAMPLE, real_dir
-from server import Server, copy_studies
-from test_server_e2e import _multipart, read_label_map
+from conftest import real_dir
 
 from xray_textseg.adapters import (METADATA, AdapterError, AdapterStore, compatibility_problem, install_starter,
                                    load_adapter, starter_adapter)
-from xray_textseg.io import load_mask
 from xray_textseg.metrics import dice
 from xray_textseg.train import load_folder
 
@@ -100,42 +96,3 @@ def test_the_starter_beats_zero_shot_on_development_films_it_never_saw(fresh_pre
     floor = {"left_lung": 0.9, "right_lung": 0.9, "heart": 0.8, "left_clavicle": 0.6, "right_clavicle": 0.6,
              "femur": 0.75, "tibia": 0.75}
     assert all(mean[k] >= v for k, v in floor.items()), mean
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    root = tmp_path_factory.mktemp("starter")
-    studies = copy_studies(root / "studies", ["chest_000.png", "limb_000.png"])
-    srv = Server(studies, conf={"adapter_dir": str(root / "adapters"), "starter_adapter": "true",
-                                "auto_train_after": "0"})
-    try:
-        srv.info = srv.wait_ready()
-        srv.adapters = root / "adapters"
-        yield srv
-    finally:
-        srv.stop()
-
-
-def test_a_fresh_server_serves_the_starter(server):
-    """The product default: ``monailabel start_server`` on a new store segments with the starter adapter."""
-    ptr = json.loads((server.adapters / "current.json").read_text())
-    assert ptr["current"] == "v0001" and "starter adapter" in ptr["log"][0]["reason"]
-    r = server.client.post("/infer/xray_textseg", params={"image": "chest_000", "output": "json"},
-                           data={"params": json.dumps({"prompt": "left lung"})})
-    assert r.status_code == 200, r.text
-    params = r.json()
-    assert params["mode"] == "adapter" and params["adapter"] == "v0001", params
-    assert "installed the starter adapter as v0001" in server.log_tail(400)
-
-
-def test_the_starter_segments_a_synthetic_film(server):
-    """Trained on real films only, it still finds the lungs of our synthetic sample film (the quick start)."""
-    r = server.client.post("/infer/xray_textseg", params={"image": "chest_000", "output": "all"},
-                           data={"params": json.dumps({"prompt": "left lung, right lung"})})
-    assert r.status_code == 200, r.text
-    parts = _multipart(r)
-    values = json.loads(parts["params"])["label_names"]
-    lm = read_label_map(parts["image"])
-    for lab in ("left_lung", "right_lung"):
-        truth = load_mask(SAMPLE / "labels" / lab / "chest_000.png", (512, 512)) > 0
-        assert dice(lm == values[lab], truth) > 0.5, lab
