@@ -262,7 +262,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "validation error, so labels still learning get more (error)")
     p.add_argument("--init-from", default=None, metavar="ADAPTER", type=_adapter_path,
                    help="continue from this adapter's weights (head, decoder, encoder LoRA; 'starter': the packaged "
-                        "one) instead of the base model; its training and validation films keep their sides of the split")
+                        "one) instead of the base model; its training and validation films keep their sides of the "
+                        "split")
     p.add_argument("--seed", type=int, default=0)
     _add_model_options(p)
     p.set_defaults(func=cmd_train)
