@@ -58,6 +58,7 @@ def test_infer_left_lung(server):
     params = json.loads(parts["params"])
     assert params["label_names"] == {"left_lung": 1}
     assert params["mode"] == "adapter" and params["adapter"] == "v0001"  # the starter, from the first request
+    assert "warnings" not in params  # a left lung shaped like the starter's training lungs
     assert "installed the starter adapter as v0001" in server.log_tail(400)
     lm = read_label_map(parts["image"])
     assert lm.shape == (512, 512) and set(np.unique(lm)) <= {0, 1}
@@ -178,3 +179,15 @@ def test_next_sample_is_warmed_with_the_labels_of_the_last_prompt(server):
     assert state["status"] == "done" and state["labels"] == ["femur"] and state["segmented"] == 1, state
     assert state["reason"] == "next sample", state
     assert infer(first, "femur")["cache"] == {"hits": 0, "misses": 0, "result_hits": 1}
+
+
+def test_a_prompt_for_a_bone_the_chest_film_does_not_show_is_answered_with_a_warning(server):
+    """The mask still comes back (the clinician decides), with the reason in the answer's params and the log. Last in
+    the module: a cached femur on chest_000 would do the prefetch test's work for it."""
+    r = server.client.post("/infer/xray_textseg", params={"image": "chest_000", "output": "all"},
+                           data={"params": json.dumps({"prompt": "femur"})})
+    assert r.status_code == 200, r.text
+    params = json.loads(_multipart(r)["params"])
+    assert list(params["label_names"]) == ["femur"] and set(params["warnings"]) == {"femur"}, params
+    assert "may not show the femur" in params["warnings"]["femur"]
+    assert "may not show the femur" in server.log_tail(200)

@@ -14,7 +14,7 @@ from xray_textseg.backbones import build_backbone, cpu_has_bf16
 from xray_textseg.metrics import dice
 from xray_textseg.predictor import ADAPTER_USER_BOX_GROW, Predictor, grow_box
 from xray_textseg.text import TextEncoder
-from xray_textseg.priors import PriorBoxes, mask_thickness
+from xray_textseg.priors import PriorBoxes, mask_shape, mask_thickness
 from xray_textseg.train import (TrainConfig, Trainer, TrainingStopped, _shift_box, auto_mode, cached_variants_for,
                                 choose_coarse_grow, continue_problem, earlier_split, fine_weights, fit_priors,
                                 load_folder, retune_adapter, share_groups, train_adapter, validate)
@@ -220,6 +220,35 @@ def test_a_clavicle_mask_thicker_than_every_training_mask_is_flagged():
     again = PriorBoxes.from_json(json.loads(json.dumps(priors.to_json())))
     assert again.thickness == priors.thickness and again.too_thick("left_clavicle", filled) == why
     assert PriorBoxes().too_thick("left_clavicle", filled) is None  # no adapter: nothing to compare with
+
+
+def test_a_mask_unlike_every_training_mask_of_its_label_is_flagged():
+    """Every label keeps its training masks' thickness and box height:width (log mean and sd); a mask far outside
+    them (what a prompt for a structure the film does not show returns) is flagged with the label named, the
+    training masks themselves are not; too few training masks keep no shape."""
+    bar = np.zeros((100, 400), bool)
+    bar[40:60, 50:350] = True  # 20 x 300 px
+    assert mask_shape(bar) == pytest.approx({"thickness": 20 / 200, "aspect": 20 / 300}, rel=0.02)
+    assert mask_shape(np.zeros((50, 50), bool)) is None
+    labels = ("left_lung", "heart", "femur")
+    items = load_folder(SAMPLE, labels)
+    priors = fit_priors(items, labels)
+    assert set(priors.shape) == set(labels) and all(s["n"] >= 5 for s in priors.shape.values())
+    for it in items:
+        for lab, mask in it.masks.items():
+            assert priors.unlike(lab, mask) is None, (it.name, lab)
+    chest = next(it for it in items if "left_lung" in it.masks)
+    limb = next(it for it in items if "femur" in it.masks)
+    why = priors.unlike("femur", chest.masks["left_lung"])  # a lung-shaped answer to "femur"
+    assert why and why.startswith("femur mask is unlike") and "not show the femur" in why and "height:width" in why
+    assert priors.unlike("heart", limb.masks["femur"]).startswith("heart mask is unlike")
+    assert "is empty" in priors.unlike("heart", np.zeros_like(chest.masks["heart"]))
+    assert priors.check("femur", chest.masks["left_lung"]) == why  # the answer's warning
+    again = PriorBoxes.from_json(json.loads(json.dumps(priors.to_json())))
+    assert again.shape == priors.shape and again.unlike("femur", chest.masks["left_lung"]) == why
+    assert PriorBoxes().unlike("femur", chest.masks["left_lung"]) is None  # no adapter: nothing to compare with
+    few = PriorBoxes()
+    assert few.fit_shape("femur", [limb.masks["femur"]] * 4) == 4 and "femur" not in few.shape
 
 
 def test_envelope_prior_holds_every_training_box_and_auto_picks_it_for_the_scattered_clavicles():

@@ -58,7 +58,7 @@ class LabelResult:
     score: float  # decoder's predicted IoU of the final mask
     box: list[float]  # the box that prompted the final decode, image pixels [x0, y0, x1, y1]
     prompt_source: str  # "prior" | "user_box" | "text"
-    warning: str | None = None  # why the mask may be wrong (``PriorBoxes.too_thick``), else None
+    warning: str | None = None  # why the mask may be wrong (``PriorBoxes.check``), else None
 
 
 @dataclass
@@ -598,7 +598,7 @@ class Predictor:
                 mask, score, used_box = full[i], float(iou[i]), prompt_boxes[i]
             mask = largest_component(mask)
             results.append(LabelResult(p.label, mask, score, [float(v) for v in used_box], sources[i],
-                                       self.priors.too_thick(p.label, mask)))
+                                       self.priors.check(p.label, mask)))
         t1 = time.perf_counter()
         return results, {"coarse": 1e3 * (t_coarse - t0), "fine": 1e3 * (t1 - t_coarse)}
 

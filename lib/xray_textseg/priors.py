@@ -57,6 +57,16 @@ SPREAD_IOU = 0.65
 # (4 JSRT adapters) the 11 flagged averaged Dice 0.61 against 0.86, and all 5 below 0.6 were flagged; the threshold is
 # the training maximum, no tuned margin (docs/results.md, 2026-11-30). Not measured for other labels yet.
 THICKNESS_CHECKED = ("left_clavicle", "right_clavicle")
+# Every label's answer says when its mask's shape is unlike every training mask of the label: its thickness or its
+# box's height:width more than SHAPE_SIGMAS standard deviations (log scale, at least SHAPE_MIN_SD) from the training
+# masks' mean. That is what a prompt for a structure the film does not show returns: "femur" on a chest film gives a
+# confident mask (predicted IoU 0.9) over the lung or mediastinum, with a box 0.7-1.9:1 where femurs are 3.3-5.3:1.
+# Measured with the starter adapter on the 80 development films (stats of the 60 training films of its split; the
+# threshold was chosen on these films, an in-sample figure): of 280 prompts for a label of the other region 268
+# flagged; of 280 prompts for a label the film shows 1 flagged (a tibia, Dice 0.89) (docs/results.md, 2026-12-03).
+SHAPE_SIGMAS = 5.0
+SHAPE_MIN_SD = 0.1
+SHAPE_MIN_MASKS = 5  # fewer training masks of a label: no shape check for it
 
 
 def _union_box(boxes) -> np.ndarray:
@@ -76,6 +86,16 @@ def mask_thickness(mask: np.ndarray) -> float:
     axis = np.linalg.svd(pts, full_matrices=False)[2][0]
     proj = pts @ axis
     return float(len(xs) / (proj.max() - proj.min() + 1) / np.sqrt(mask.shape[0] * mask.shape[1]))
+
+
+def mask_shape(mask: np.ndarray) -> dict[str, float] | None:
+    """{"thickness": :func:`mask_thickness`, "aspect": its box's height / width in pixels}; None for fewer than 10
+    pixels."""
+    box = mask_box(mask)
+    thickness = mask_thickness(mask)
+    if box is None or thickness <= 0:
+        return None
+    return {"thickness": thickness, "aspect": (box[3] - box[1]) / (box[2] - box[0])}
 
 
 def box_iou(a, b) -> float:
@@ -100,6 +120,8 @@ class PriorBoxes:
     relative: dict[str, tuple[str, tuple[float, float, float, float]]] = field(default_factory=dict)
     kind: dict[str, str] = field(default_factory=dict)  # fitted labels: "median" | "envelope" (see fit)
     thickness: dict[str, float] = field(default_factory=dict)  # THICKNESS_CHECKED labels: thickest training mask
+    # per label, {feature of mask_shape: (mean, sd) of its log over the training masks, "n": their count} (fit_shape)
+    shape: dict[str, dict] = field(default_factory=dict)
 
     def box(self, label: str, image_shape: tuple[int, int]) -> np.ndarray:
         """The prior box of ``label`` in pixel coordinates of an image of ``image_shape`` (H, W)."""
@@ -162,6 +184,42 @@ class PriorBoxes:
         return (f"{label.replace('_', ' ')} mask is {t / limit:.1f}x as thick as the thickest training mask: it may "
                 "cover a neighbouring structure; check it or draw a box")
 
+    def fit_shape(self, label: str, masks: Iterable[np.ndarray], min_count: int = SHAPE_MIN_MASKS) -> int:
+        """Keep the log-scale mean and standard deviation of the training masks' :func:`mask_shape` features, for
+        :meth:`unlike`. Returns the number of masks used (none kept below ``min_count``)."""
+        shapes = [s for s in (mask_shape(np.asarray(m) > 0) for m in masks) if s]
+        if len(shapes) >= min_count:
+            stats: dict = {"n": len(shapes)}
+            for key in ("thickness", "aspect"):
+                logs = np.log([s[key] for s in shapes])
+                stats[key] = (float(logs.mean()), float(logs.std()))
+            self.shape[label] = stats
+        return len(shapes)
+
+    def unlike(self, label: str, mask: np.ndarray, sigmas: float = SHAPE_SIGMAS) -> str | None:
+        """Why ``mask`` is unlike every training mask of ``label`` (see ``SHAPE_SIGMAS``), or None (also when no
+        shape was kept for the label)."""
+        stats = self.shape.get(label)
+        if not stats:
+            return None
+        name = label.replace("_", " ")
+        shape = mask_shape(mask)
+        if shape is None:
+            return f"{name} mask is empty: is the {name} on this film? Draw a box round it"
+        for key, what in (("aspect", "height:width"), ("thickness", "thickness")):
+            mean, sd = stats[key]
+            if abs(np.log(shape[key]) - mean) > sigmas * max(sd, SHAPE_MIN_SD):
+                lo, hi = np.exp(mean - 2 * sd), np.exp(mean + 2 * sd)
+                value = (f"{shape[key]:.1f}:1, the training masks' {lo:.1f}-{hi:.1f}:1" if key == "aspect" else
+                         f"{shape[key]:.3f} of the film, the training masks' {lo:.3f}-{hi:.3f}")
+                return (f"{name} mask is unlike the training masks of the {name} ({what} {value}): the film may not "
+                        f"show the {name}; check it or draw a box")
+        return None
+
+    def check(self, label: str, mask: np.ndarray) -> str | None:
+        """The warning that comes with a predicted mask: :meth:`unlike`, else :meth:`too_thick`, else None."""
+        return self.unlike(label, mask) or self.too_thick(label, mask)
+
     def mid_labels(self, labels: Iterable[str]) -> list[str]:
         """The labels among ``labels`` whose prompt is an envelope (:meth:`fit`): the ones an adapter trained with a
         mid view (``TrainConfig.mid_view``) finds on :meth:`mid_region` instead of the whole film."""
@@ -209,6 +267,9 @@ class PriorBoxes:
             out["kind"] = dict(self.kind)
         if self.thickness:
             out["thickness"] = dict(self.thickness)
+        if self.shape:
+            out["shape"] = {k: {f: (list(v) if isinstance(v, tuple) else v) for f, v in s.items()}
+                            for k, s in self.shape.items()}
         if self.relative:
             out["relative"] = {k: {"anchor": a, "box": list(b)} for k, (a, b) in self.relative.items()}
         return out
@@ -221,6 +282,8 @@ class PriorBoxes:
         priors.source.update(data.get("source", {}))
         priors.kind.update(data.get("kind", {}))
         priors.thickness.update({k: float(v) for k, v in data.get("thickness", {}).items()})
+        for k, v in data.get("shape", {}).items():
+            priors.shape[k] = {"n": int(v["n"]), **{f: tuple(float(x) for x in v[f]) for f in ("thickness", "aspect")}}
         for k, v in data.get("relative", {}).items():
             priors.relative[k] = (str(v["anchor"]), tuple(float(x) for x in v["box"]))  # type: ignore[assignment]
         return priors

@@ -235,6 +235,8 @@ def fit_priors(items: list[TrainItem], labels: tuple[str, ...], how: str = "medi
         priors.fit(lab, [it.masks[lab] for it in items if lab in it.masks and it.masks[lab].any()], how=how)
     for lab in (lab for lab in labels if lab in THICKNESS_CHECKED):  # in label order: priors.json is reproducible
         priors.fit_thickness(lab, [it.masks[lab] for it in items if lab in it.masks])
+    for lab in labels:
+        priors.fit_shape(lab, [it.masks[lab] for it in items if lab in it.masks])
     for lab, anchor in ANCHORS.items():
         if lab in labels and anchor in labels and priors.kind.get(lab) != "envelope":
             priors.fit_relative(lab, anchor, [(it.masks[lab], it.masks[anchor]) for it in items
