@@ -83,7 +83,7 @@ def mask_thickness(mask: np.ndarray) -> float:
         return 0.0
     pts = np.stack([xs, ys], 1).astype(np.float64)
     pts -= pts.mean(0)
-    axis = np.linalg.svd(pts, full_matrices=False)[2][0]
+    axis = np.linalg.eigh(pts.T @ pts)[1][:, -1]  # the principal axis, from the 2 x 2 scatter matrix
     proj = pts @ axis
     return float(len(xs) / (proj.max() - proj.min() + 1) / np.sqrt(mask.shape[0] * mask.shape[1]))
 
@@ -175,12 +175,12 @@ class PriorBoxes:
 
     def too_thick(self, label: str, mask: np.ndarray) -> str | None:
         """Why ``mask`` is thicker than every training mask of ``label``, or None (also when none were kept)."""
+        return self._too_thick(label, mask_thickness(mask))
+
+    def _too_thick(self, label: str, t: float) -> str | None:
         limit = self.thickness.get(label)
-        if not limit:
-            return None
-        t = mask_thickness(mask)
-        if t <= limit:
-            return None
+        if not limit or t <= limit:
+            return None  # (mask_thickness is 0 for an empty mask)
         return (f"{label.replace('_', ' ')} mask is {t / limit:.1f}x as thick as the thickest training mask: it may "
                 "cover a neighbouring structure; check it or draw a box")
 
@@ -199,11 +199,13 @@ class PriorBoxes:
     def unlike(self, label: str, mask: np.ndarray, sigmas: float = SHAPE_SIGMAS) -> str | None:
         """Why ``mask`` is unlike every training mask of ``label`` (see ``SHAPE_SIGMAS``), or None (also when no
         shape was kept for the label)."""
+        return self._unlike(label, mask_shape(mask), sigmas)
+
+    def _unlike(self, label: str, shape: dict[str, float] | None, sigmas: float = SHAPE_SIGMAS) -> str | None:
         stats = self.shape.get(label)
         if not stats:
             return None
         name = label.replace("_", " ")
-        shape = mask_shape(mask)
         if shape is None:
             return f"{name} mask is empty: is the {name} on this film? Draw a box round it"
         for key, what in (("aspect", "height:width"), ("thickness", "thickness")):
@@ -217,8 +219,10 @@ class PriorBoxes:
         return None
 
     def check(self, label: str, mask: np.ndarray) -> str | None:
-        """The warning that comes with a predicted mask: :meth:`unlike`, else :meth:`too_thick`, else None."""
-        return self.unlike(label, mask) or self.too_thick(label, mask)
+        """The warning that comes with a predicted mask: :meth:`unlike`, else :meth:`too_thick`, else None (the mask's
+        shape measured once: on the predictor's path for every label)."""
+        shape = mask_shape(mask)
+        return self._unlike(label, shape) or self._too_thick(label, shape["thickness"] if shape else 0.0)
 
     def mid_labels(self, labels: Iterable[str]) -> list[str]:
         """The labels among ``labels`` whose prompt is an envelope (:meth:`fit`): the ones an adapter trained with a
@@ -268,8 +272,7 @@ class PriorBoxes:
         if self.thickness:
             out["thickness"] = dict(self.thickness)
         if self.shape:
-            out["shape"] = {k: {f: (list(v) if isinstance(v, tuple) else v) for f, v in s.items()}
-                            for k, s in self.shape.items()}
+            out["shape"] = {k: dict(v) for k, v in self.shape.items()}  # (mean, sd) tuples are JSON lists
         if self.relative:
             out["relative"] = {k: {"anchor": a, "box": list(b)} for k, (a, b) in self.relative.items()}
         return out
