@@ -136,6 +136,45 @@ def test_user_box_is_used(fresh_predictor):
     assert dice(without_refine.mask("heart"), truth) > 0.5
 
 
+def test_a_film_padded_onto_a_wide_canvas_is_segmented_on_its_exposed_field(fresh_predictor):
+    """Black columns as wide as the film on both sides (an export letterboxed to landscape): the prior boxes are
+    placed in the exposed field, not in the canvas, and the masks come back in the canvas's pixels, empty in the
+    padding, exactly what the field alone gives. A user box drawn on the canvas means the same place."""
+    from xray_textseg.io import crop_radiograph, radiograph_from_array
+
+    film = load_radiograph(SAMPLE / "images" / "chest_003.png")
+    h, w = film.shape
+    canvas = radiograph_from_array(np.pad(film.pixels, ((0, 0), (w // 2, w // 2)), constant_values=0.0))
+    truth = {lab: np.pad(load_mask(SAMPLE / "labels" / lab / "chest_003.png", film.shape) > 0,
+                         ((0, 0), (w // 2, w // 2))) for lab in ("right_lung", "left_lung", "heart")}
+    p = fresh_predictor
+    p.set_image(canvas)
+    x0, y0, x1, y1 = p.field
+    assert x0 >= w // 2 and x1 <= w // 2 + w and x1 - x0 > 0.8 * w and y1 - y0 > 0.8 * h
+    pred = p.predict("right lung, left lung")
+    assert pred.image_shape == canvas.shape
+    for r in pred.results:
+        assert r.mask.shape == canvas.shape and not r.mask[:, :x0].any() and not r.mask[:, x1:].any()
+        assert dice(r.mask, truth[r.label]) > 0.5, r.label
+        assert x0 <= r.box[0] < r.box[2] <= x1
+    box = [float(v) for v in np.argwhere(truth["heart"])[:, ::-1].min(0)] + \
+        [float(v) + 1 for v in np.argwhere(truth["heart"])[:, ::-1].max(0)]
+    boxed = p.predict("heart", boxes={"heart": box})
+    assert dice(boxed.mask("heart"), truth["heart"]) > 0.8 and boxed.results[0].box == box
+
+    p.cache.clear()
+    p.results.clear()
+    field = crop_radiograph(canvas, p.field)
+    p.set_image(field)
+    assert p.field is None  # the field of a field is all of it
+    alone = p.predict("right lung, left lung")
+    shifted = {"heart": [box[0] - x0, box[1] - y0, box[2] - x0, box[3] - y0]}
+    alone_boxed = p.predict("heart", boxes=shifted)
+    for r, a in zip(pred.results + boxed.results, alone.results + alone_boxed.results):
+        assert np.array_equal(r.mask[y0:y1, x0:x1], a.mask), r.label
+        assert r.score == a.score
+
+
 def test_label_map_values_and_overlap_order(fresh_predictor):
     fresh_predictor.set_image(SAMPLE / "images" / "chest_000.png")
     pred = fresh_predictor.predict("left lung, left clavicle", refine=False)

@@ -839,3 +839,28 @@ def test_training_continues_from_an_adapter_with_its_weights_and_its_split(setup
     cached = Trainer(setup["backbone"], setup["encoder"], LABELS,
                      TrainConfig(**{**cfg.__dict__, "init_from": str(setup["path"])}))
     assert torch.equal(cached.head.state_dict()["mlp.0.weight"], load_adapter(setup["path"]).head_state["mlp.0.weight"])
+
+
+def test_a_padded_training_film_is_trained_on_its_exposed_field_and_recorded_by_the_whole_film():
+    """Training sees the pixels serving sees (the predictor works on the exposed field of a film padded onto a
+    larger canvas): the item is cropped with its masks, and the split and the metadata keep the whole film's hash,
+    so a retraining or a retune finds the same films again."""
+    from xray_textseg.io import load_mask, load_radiograph, radiograph_from_array
+    from xray_textseg.train import TrainItem, split_items
+
+    film = load_radiograph(SAMPLE / "images" / "chest_004.png")
+    mask = load_mask(SAMPLE / "labels" / "heart" / "chest_004.png", film.shape) > 0
+    pad = ((film.shape[0] // 3, film.shape[0] // 3), (0, 0))
+    canvas = radiograph_from_array(np.pad(film.pixels, pad, constant_values=float(film.pixels.max())))
+    item = TrainItem("chest_004", canvas, {"heart": np.pad(mask, pad)})
+    cropped = item.on_field()
+    assert cropped is not item and cropped.image.shape[0] < 0.8 * canvas.shape[0]
+    assert cropped.hash == item.hash == canvas.content_hash() != cropped.image.content_hash()
+    assert cropped.masks["heart"].shape == cropped.image.shape and cropped.masks["heart"].sum() == mask.sum()
+    assert cropped.on_field() is cropped  # nothing left to crop
+    plain = TrainItem("chest_004", film, {"heart": mask})
+    assert plain.on_field() is plain  # a film without wide borders is trained on whole
+    keep = {item.hash: "val"}
+    _, val = split_items([cropped, TrainItem("other", load_radiograph(SAMPLE / "images" / "chest_005.png"),
+                                             {"heart": mask})], 0.5, seed=0, keep=keep)
+    assert [v.name for v in val] == ["chest_004"]

@@ -3,7 +3,9 @@
 import numpy as np
 import pytest
 import torch
-from xray_textseg.transforms import View, largest_component, mask_box
+from conftest import real_dir
+from xray_textseg.io import load_radiograph
+from xray_textseg.transforms import View, exposed_field, field_crop, largest_component, mask_box
 
 
 @pytest.mark.parametrize("stretch", [False, True])
@@ -51,3 +53,41 @@ def test_largest_component():
     kept = largest_component(m)
     assert kept[12, 12] and not kept[1, 1]
     assert mask_box(np.zeros((5, 5), bool)) is None
+
+
+def _film(h=400, w=300, seed=0):
+    """Textured pixels: every row and column varies (no flat border of its own)."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:h, 0:w]
+    return (120 + 60 * np.sin(xx / 17.0) * np.cos(yy / 23.0) + rng.normal(0, 8, (h, w))).astype(np.float32)
+
+
+@pytest.mark.parametrize("value", [0.0, 255.0])
+def test_the_exposed_field_is_the_film_without_its_flat_borders(value):
+    film = _film()
+    padded = np.pad(film, ((30, 50), (200, 10)), constant_values=value)  # black padding or a bright band
+    assert exposed_field(padded) == (200, 30, 500, 430)
+    assert field_crop(padded) == (200, 30, 500, 430)  # 40 % of the width is border: the pipeline crops
+    assert exposed_field(film) == (0, 0, 300, 400) and field_crop(film) is None
+    # a narrow border (under FIELD_CROP of each side) is found but left on the film
+    slim = np.pad(film, ((10, 10), (5, 5)), constant_values=value)
+    assert exposed_field(slim) == (5, 10, 305, 410) and field_crop(slim) is None
+    # cropping is idempotent: the field of the field is all of it
+    x0, y0, x1, y1 = field_crop(padded)
+    assert field_crop(padded[y0:y1, x0:x1]) is None
+
+
+def test_a_nearly_blank_film_is_not_cropped_to_a_sliver():
+    blank = np.zeros((300, 300), np.float32)
+    assert exposed_field(blank) == (0, 0, 300, 300)
+    sliver = blank.copy()
+    sliver[:, 140:150] = _film(300, 10)  # only 10 of 300 columns vary: under FIELD_MIN of the width
+    assert exposed_field(sliver) == (0, 0, 300, 300) and field_crop(sliver) is None
+
+
+def test_the_development_films_are_used_whole():
+    """Every adapter so far trained on these films whole (JSRT's borders take up to 2 % of the height, the OAI
+    films' padding 12-13 %): the field crop must leave them as they are."""
+    for name in ("jsrt_chest", "oai_lower_limb"):
+        for path in sorted((real_dir(name) / "images").glob("*.png")):
+            assert field_crop(load_radiograph(path).pixels) is None, path.name

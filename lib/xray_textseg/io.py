@@ -136,6 +136,14 @@ def radiograph_from_array(array: np.ndarray) -> Radiograph:
     return Radiograph(pixels, None, "array", tuple(np.shape(array)), None, photometric, bits, None)
 
 
+def crop_radiograph(image: Radiograph, box: tuple[int, int, int, int]) -> Radiograph:
+    """The region ``box`` = (x0, y0, x1, y1) of ``image`` as a radiograph of its own (pixels copied; same source,
+    spacing and photometry; no NIfTI affine: masks go back into the whole film, not into this region)."""
+    x0, y0, x1, y1 = (int(v) for v in box)
+    return Radiograph(image.pixels[y0:y1, x0:x1].copy(), image.path, image.source_format, image.source_shape,
+                      image.pixel_spacing, image.photometric, image.bits, None)
+
+
 def save_mask(mask: np.ndarray, path: str | os.PathLike, like: Radiograph | None = None) -> Path:
     """Write a uint8 (H, W) label map (0 background, 1..N labels) as ``.png``, ``.nii``, ``.nii.gz`` or
     ``.nrrd`` (raw, what OHIF's MONAI Label panel reads).

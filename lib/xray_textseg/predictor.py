@@ -36,9 +36,9 @@ import torch
 
 from .backbones import Backbone, Interrupted, encode_batch_size, interruptible
 from .cache import LRU, EmbeddingCache
-from .io import Radiograph, load_radiograph, radiograph_from_array
+from .io import Radiograph, crop_radiograph, load_radiograph, radiograph_from_array
 from .priors import ANCHOR_CHECK_IOU, PriorBoxes, box_iou
-from .transforms import View, largest_component, mask_box
+from .transforms import View, field_crop, largest_component, mask_box
 from .vocabulary import ALL_LABELS, ParsedLabel, parse_prompt
 
 # An adapter's fine pass is trained on crops around the true box grown by U(-0.05, 0.3) per side
@@ -150,8 +150,12 @@ class Predictor:
         self._text_encoder_path = text_encoder_path
         self._base = (backbone.image_encoder, backbone.mask_decoder, self.priors)
         self._base_geometry = (crop_margin, max_tile_aspect)
-        self._image: Radiograph | None = None
-        self._hash = ""
+        self._image: Radiograph | None = None  # the current film, or its exposed field (see _focus)
+        self._hash = ""  # the whole film's content hash
+        self._source: Radiograph | None = None  # the whole film as given
+        self._field: tuple[int, int, int, int] | None = None  # where _image lies in the whole film, if cropped
+        self._film_shape: tuple[int, int] | None = None
+        self._fields = LRU(256)  # content hash -> field box, or () for a film used whole
         self._lock = threading.RLock()
         self._pending = 0  # requests waiting for or holding the lock (_foreground): background warm-up yields to them
         self._background = None  # the Interruption of the warm-up step in progress, if any
@@ -168,8 +172,48 @@ class Predictor:
         image = _as_radiograph(image)
         h = image.content_hash()
         with self._foreground():
-            self._image, self._hash = image, h
+            self._focus(image, h)
         return image
+
+    def _focus(self, image: Radiograph, h: str) -> None:
+        """Make ``image`` (content hash ``h``) the current film. When flat borders take a large part of it (a film
+        padded onto a larger canvas, a wide collimated band: ``transforms.field_crop``) the pipeline works on its
+        exposed field, where the prior boxes and the adapter's training expect the anatomy, and the masks are put
+        back into the whole film. Under the lock."""
+        box = self._fields.get(h)
+        if box is None:
+            box = field_crop(image.pixels) or ()
+            self._fields.put(h, box)
+        self._field = tuple(box) or None
+        self._film_shape = image.shape
+        self._image = crop_radiograph(image, box) if box else image
+        self._source, self._hash = image, h
+
+    @property
+    def field(self) -> tuple[int, int, int, int] | None:
+        """Where the pipeline works in the current film: (x0, y0, x1, y1), or None for the whole film."""
+        return self._field
+
+    def _boxes_to_field(self, boxes: dict[str, list[float]] | None) -> dict[str, list[float]] | None:
+        if not boxes or self._field is None:
+            return boxes
+        x0, y0, x1, y1 = self._field
+        out = {}
+        for label, b in boxes.items():
+            bx0, by0, bx1, by1 = (float(v) for v in b)
+            out[label] = [min(max(bx0 - x0, 0.0), x1 - x0 - 1.0), min(max(by0 - y0, 0.0), y1 - y0 - 1.0),
+                          min(max(bx1 - x0, 1.0), float(x1 - x0)), min(max(by1 - y0, 1.0), float(y1 - y0))]
+        return out
+
+    def _result_to_film(self, r: LabelResult) -> LabelResult:
+        """A result of the field's pipeline in the whole film's pixels."""
+        if self._field is None:
+            return r
+        x0, y0, x1, y1 = self._field
+        mask = np.zeros(self._film_shape, dtype=bool)
+        mask[y0:y1, x0:x1] = r.mask
+        box = [r.box[0] + x0, r.box[1] + y0, r.box[2] + x0, r.box[3] + y0]
+        return LabelResult(r.label, mask, r.score, box, r.prompt_source, r.warning)
 
     def _cache_key(self, view: View) -> tuple:
         return (self._hash, self.backbone.weights_id, self.encoder_version, self.precision, view.key())
@@ -428,7 +472,7 @@ class Predictor:
             h = image.content_hash()
         with self._foreground():
             if image is not None:
-                self._image, self._hash = image, h
+                self._focus(image, h)
             if self._image is None:
                 raise RuntimeError("call set_image before predict")
             return self._predict_locked(parsed, boxes, refine)
@@ -458,13 +502,13 @@ class Predictor:
         todo = [i for i, r in enumerate(results) if r is None]
         timings = {"coarse": 0.0, "fine": 0.0}
         if todo:
-            fresh, timings = self._segment([parsed[i] for i in todo], boxes, refine)
+            fresh, timings = self._segment([parsed[i] for i in todo], self._boxes_to_field(boxes), refine)
             for i, r in zip(todo, fresh):
-                results[i] = r
-                self.results.put(keys[i], r)
+                results[i] = self._result_to_film(r)
+                self.results.put(keys[i], results[i])
         t1 = time.perf_counter()
         return Prediction(
-            results, self.mode, self._image.shape, timings_ms={**timings, "total": 1e3 * (t1 - t0)},
+            results, self.mode, self._film_shape, timings_ms={**timings, "total": 1e3 * (t1 - t0)},
             cache={"hits": self.cache.hits - hits0, "misses": self.cache.misses - misses0,
                    "result_hits": len(parsed) - len(todo)},
         )
@@ -517,18 +561,18 @@ class Predictor:
     def _on(self, image: Radiograph, content_hash: str):
         """Holding the lock, work on ``image`` and then put the current image back."""
         with self._lock:
-            saved = (self._image, self._hash)
-            self._image, self._hash = image, content_hash
+            saved = (self._image, self._source, self._hash, self._field, self._film_shape)
+            self._focus(image, content_hash)
             try:
                 yield
             finally:
-                self._image, self._hash = saved
+                self._image, self._source, self._hash, self._field, self._film_shape = saved
 
     def unsegmented(self, image: Radiograph, labels: list[str] | tuple[str, ...]) -> list[str]:
         """The labels among ``labels`` whose text-prompt mask on ``image`` (no user box, current weights and
         settings) is not in the result cache: what a :meth:`warm` of them would compute."""
         # without the lock, which a warm-up step may hold for a second: the answer is a guess that warm() checks
-        current, h = self._image, self._hash
+        current, h = self._source, self._hash
         h = h if image is current else image.content_hash()
         return [p.label for p in _as_parsed(list(labels), self.labels)
                 if self._result_key(p.label, None, self.refine, h) not in self.results]

@@ -49,10 +49,10 @@ import torch.nn.functional as F
 
 from .adapters import LORA_TARGETS
 from .backbones import Backbone, cpu_has_bf16, cpuinfo, encode_batch_size
-from .io import Radiograph, load_mask, load_radiograph
+from .io import Radiograph, crop_radiograph, load_mask, load_radiograph
 from .priors import ANCHORS, THICKNESS_CHECKED, PriorBoxes
 from .text import PromptHead, TextEncoder, side_code
-from .transforms import View, mask_box
+from .transforms import View, field_crop, mask_box
 from .vocabulary import label_phrases
 
 logger = logging.getLogger(__name__)
@@ -146,10 +146,26 @@ class TrainItem:
     name: str
     image: Radiograph
     masks: dict[str, np.ndarray]
+    source_hash: str = ""  # the whole film's content hash when ``image`` is its exposed field (:meth:`on_field`)
 
     @property
     def labels(self) -> list[str]:
         return [k for k, v in self.masks.items() if v.any()]
+
+    @property
+    def hash(self) -> str:
+        """The whole film's content hash: what the adapter's metadata records and its split keeps."""
+        return self.source_hash or self.image.content_hash()
+
+    def on_field(self) -> TrainItem:
+        """The item as the predictor sees its film: cropped to the exposed field when flat borders take a large part
+        of it (``transforms.field_crop``), masks with it; else itself. Training and serving see the same pixels."""
+        box = field_crop(self.image.pixels)
+        if box is None:
+            return self
+        x0, y0, x1, y1 = box
+        return TrainItem(self.name, crop_radiograph(self.image, box),
+                         {k: v[y0:y1, x0:x1] for k, v in self.masks.items()}, self.hash)
 
 
 @dataclass
@@ -202,9 +218,9 @@ def split_items(items: list[TrainItem], val_fraction: float, seed: int, min_val:
     as bring it to ``val_fraction`` of all images. So a retrained adapter is never validated on a film the
     adapter it continues from (or is compared with) trained on, and the validation films stay the same ones."""
     keep = keep or {}
-    side = {i: keep.get(it.image.content_hash()) for i, it in enumerate(items)}
+    side = {i: keep.get(it.hash) for i, it in enumerate(items)}
     order = sorted((i for i in range(len(items)) if side[i] not in ("train", "val")),
-                   key=lambda i: items[i].image.content_hash())
+                   key=lambda i: items[i].hash)
     rng = random.Random(seed)
     rng.shuffle(order)
     n_val = max(min_val, round(val_fraction * len(items))) if len(items) > 1 else 0
@@ -924,6 +940,8 @@ def train_adapter(items: list[TrainItem], out_dir: str | Path, *, backbone: Back
     from .adapters import round_stored_, save_adapter
 
     cfg = cfg or TrainConfig()
+    items = [it.on_field() for it in items]
+    val_items = None if val_items is None else [it.on_field() for it in val_items]
     if val_items is None:
         keep = earlier_split(cfg.init_from) if cfg.init_from else None
         train_items, val_items = split_items(items, cfg.val_fraction, cfg.seed, cfg.min_val_images, keep=keep)
@@ -955,9 +973,9 @@ def train_adapter(items: list[TrainItem], out_dir: str | Path, *, backbone: Back
         "labels": list(labels),
         "mode": trainer.mode,
         "device": str(trainer.device),
-        "train_images": sorted(it.image.content_hash() for it in train_items),
+        "train_images": sorted(it.hash for it in train_items),
         "train_names": sorted(it.name for it in train_items),
-        "val_images": sorted(it.image.content_hash() for it in val_items),
+        "val_images": sorted(it.hash for it in val_items),
         "val_names": sorted(it.name for it in val_items),
         "training": {"epochs_run": result.epochs_run, "best_epoch": result.best_epoch, "stopped": result.stopped,
                      "seconds": round(result.seconds, 1), "proxy_val_dice": result.best_val_dice,
@@ -1014,11 +1032,11 @@ def retune_adapter(src: str | Path, out_dir: str | Path, data_dir: str | Path, *
                   if k in TrainConfig.__dataclass_fields__}
     cfg_fields.setdefault("coarse_prior", "median")  # adapters from before the option were trained on median boxes
     cfg = TrainConfig(**cfg_fields)
-    train_items = load_folder(data_dir, labels, names=meta["train_names"])
-    val_items = load_folder(data_dir, labels, names=meta["val_names"])
+    train_items = [it.on_field() for it in load_folder(data_dir, labels, names=meta["train_names"])]
+    val_items = [it.on_field() for it in load_folder(data_dir, labels, names=meta["val_names"])]
     for kind, items, hashes in (("training", train_items, meta["train_images"]),
                                 ("validation", val_items, meta["val_images"])):
-        if sorted(it.image.content_hash() for it in items) != sorted(hashes):
+        if sorted(it.hash for it in items) != sorted(hashes):
             raise ValueError(f"the {kind} films of {src} named in its metadata are not the same images in {data_dir}")
     staging = out_dir.parent / f".{out_dir.name}.staging"
     shutil.rmtree(staging, ignore_errors=True)

@@ -153,3 +153,51 @@ def largest_component(mask: np.ndarray) -> np.ndarray:
     sizes = np.bincount(labelled.ravel())
     sizes[0] = 0
     return labelled == int(sizes.argmax())
+
+
+FIELD_FLAT = 0.02  # a border row/column: its pixels' spread (sd) is at most this fraction of the film's range
+FIELD_MIN = 0.25  # the exposed field keeps at least this fraction of each side, else the whole film is the field
+# The pipeline works on the exposed field only when the flat borders take more than this fraction of the film's
+# width or height. The development films have narrow ones (JSRT up to 2 % of the height, the OAI long-leg films
+# 12-13 %: they are padded to 1024 rows), and every adapter so far saw them whole, so below this they stay.
+FIELD_CROP = 0.2
+
+
+def exposed_field(pixels: np.ndarray, flat: float = FIELD_FLAT) -> tuple[int, int, int, int]:
+    """The box [x0, y0, x1, y1) of the film without its flat borders: rows and columns at the edges whose values
+    hardly vary (sd at most ``flat`` of the film's range): black padding of an export, a bright collimated band.
+    The pipeline places its prompts in this box (prior boxes are fractions of the exposed field, not of a canvas
+    padded around it). The whole film when nothing is flat, or when what is left would be under ``FIELD_MIN`` of a
+    side (a nearly blank film is not cropped to a sliver)."""
+    h, w = pixels.shape
+    lo, hi = float(pixels.min()), float(pixels.max())
+    full = (0, 0, int(w), int(h))
+    if hi <= lo:
+        return full
+    limit = flat * (hi - lo)
+
+    def span(sd: np.ndarray) -> tuple[int, int]:
+        keep = np.flatnonzero(sd > limit)
+        return (0, 0) if keep.size == 0 else (int(keep[0]), int(keep[-1]) + 1)
+
+    x0, y0, x1, y1 = full
+    for _ in range(2):  # rows over the kept columns, then columns over the kept rows, once more
+        y0, y1 = span(pixels[:, x0:x1].std(axis=1))
+        if y1 <= y0:
+            return full
+        x0, x1 = span(pixels[y0:y1].std(axis=0))
+        if x1 <= x0:
+            return full
+    if (x1 - x0) < FIELD_MIN * w or (y1 - y0) < FIELD_MIN * h or min(x1 - x0, y1 - y0) < 32:
+        return full
+    return x0, y0, x1, y1
+
+
+def field_crop(pixels: np.ndarray) -> tuple[int, int, int, int] | None:
+    """The :func:`exposed_field` box when its borders take more than ``FIELD_CROP`` of the film's width or height
+    (a film padded onto a larger canvas, a wide collimated band), else None: the film is used whole."""
+    h, w = pixels.shape
+    x0, y0, x1, y1 = exposed_field(pixels)
+    if (x1 - x0) >= (1 - FIELD_CROP) * w and (y1 - y0) >= (1 - FIELD_CROP) * h:
+        return None
+    return x0, y0, x1, y1

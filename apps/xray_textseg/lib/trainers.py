@@ -13,7 +13,6 @@ import json
 import logging
 import time
 from dataclasses import replace
-from pathlib import Path
 from typing import Any
 
 import numpy as np
