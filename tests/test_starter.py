@@ -12,8 +12,9 @@ from conftest import SAMPLE, real_dir
 from xray_textseg.adapters import (METADATA, AdapterError, AdapterStore, compatibility_problem, install_starter,
                                    load_adapter, starter_adapter)
 from xray_textseg.metrics import dice
-from xray_textseg.train import load_folder
-from xray_textseg.vocabulary import ALL_LABELS
+from xray_textseg.priors import PriorBoxes
+from xray_textseg.train import fit_film_regions, load_folder
+from xray_textseg.vocabulary import ALL_LABELS, BODY_REGIONS
 
 
 def test_the_package_ships_a_complete_starter_adapter():
@@ -82,6 +83,43 @@ def test_a_prompt_for_a_structure_the_film_does_not_show_comes_with_a_warning(fr
     assert "may not show the femur" in chest.warnings["femur"]
     limb = fresh_predictor.predict("femur, tibia, heart, left lung", image=SAMPLE / "images" / "limb_000.png")
     assert set(limb.warnings) == {"heart", "left_lung"}, limb.warnings
+
+
+def test_the_trainers_body_region_check_tells_chest_from_limb_films_it_did_not_fit_on(fresh_predictor):
+    """The statistics a trainer fits (``fit_film_regions``: the adapter's own whole-film embeddings of its training
+    films) flag the other region's labels on films left out of the fit, and none of the film's own."""
+    fresh_predictor.load_adapter(starter_adapter())
+    items = load_folder(SAMPLE)
+    chest = [it for it in items if "heart" in it.masks]
+    limb = [it for it in items if "femur" in it.masks]
+    priors = PriorBoxes()
+    assert fit_film_regions(fresh_predictor, chest[:5] + limb[:5], priors) == {"chest": 5, "lower_limb": 5}
+    for it, own, other in ((chest[-1], "chest", "lower_limb"), (limb[-1], "lower_limb", "chest")):
+        fresh_predictor.set_image(it.image)
+        d = priors.film_distances(fresh_predictor.film_vector())
+        assert all(priors.film_region_warning(lab, d) for lab in BODY_REGIONS[other]), (it.name, d)
+        assert not any(priors.film_region_warning(lab, d) for lab in BODY_REGIONS[own]), (it.name, d)
+
+
+@pytest.mark.real_data
+def test_the_starters_body_region_check_flags_the_other_regions_labels_on_unseen_films(fresh_predictor):
+    """A lung asked on a long-leg film can come back as a lung-shaped piece of the leg that the mask-shape check
+    passes (7 of 40 development films); the starter's body-region statistics flag every label of the other region on
+    unseen development films and none of the film's own (all 20: docs/perf/film_regions.json)."""
+    meta = load_adapter(starter_adapter()).metadata
+    seen = set(meta["train_names"]) | set(meta["val_names"])
+    fresh_predictor.load_adapter(starter_adapter())
+    priors = fresh_predictor.priors
+    assert set(priors.film_regions) == {"chest", "lower_limb"}
+    for folder, own, other in (("jsrt_chest", "chest", "lower_limb"), ("oai_lower_limb", "lower_limb", "chest")):
+        cases = sorted(p.stem for p in (real_dir(folder) / "images").iterdir())
+        for item in load_folder(real_dir(folder), names=[c for c in cases if c not in seen][:3]):
+            fresh_predictor.set_image(item.image)
+            d = fresh_predictor.film_distances()
+            assert all(priors.film_region_warning(lab, d) for lab in BODY_REGIONS[other]), (item.name, d)
+            assert not any(priors.film_region_warning(lab, d) for lab in BODY_REGIONS[own]), (item.name, d)
+    leg = fresh_predictor.predict("left lung, femur")  # the last leg film, through the answer
+    assert set(leg.warnings) == {"left_lung"} and "looks like a lower-limb film" in leg.warnings["left_lung"]
 
 
 @pytest.mark.real_data

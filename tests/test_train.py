@@ -16,8 +16,8 @@ from xray_textseg.predictor import ADAPTER_USER_BOX_GROW, Predictor, grow_box
 from xray_textseg.text import TextEncoder
 from xray_textseg.priors import PriorBoxes, mask_shape, mask_thickness
 from xray_textseg.train import (TrainConfig, Trainer, TrainingStopped, _shift_box, auto_mode, cached_variants_for,
-                                choose_coarse_grow, continue_problem, earlier_split, fine_weights, fit_priors,
-                                load_folder, retune_adapter, share_groups, train_adapter, validate)
+                                choose_coarse_grow, continue_problem, earlier_split, film_region_items, fine_weights,
+                                fit_priors, load_folder, retune_adapter, share_groups, train_adapter, validate)
 from xray_textseg.transforms import mask_box
 
 LABELS = ("left_lung", "heart")
@@ -249,6 +249,39 @@ def test_a_mask_unlike_every_training_mask_of_its_label_is_flagged():
     assert PriorBoxes().unlike("femur", chest.masks["left_lung"]) is None  # no adapter: nothing to compare with
     few = PriorBoxes()
     assert few.fit_shape("femur", [limb.masks["femur"]] * 4) == 4 and "femur" not in few.shape
+
+
+def test_a_film_nearer_another_body_regions_training_films_flags_that_regions_labels():
+    """Per body region the mean pooled embedding of its training films and a pooled per-feature sd; a film much
+    nearer (FILM_REGION_RATIO) another region's films than a label's region's gets a warning naming both regions for
+    that label, and none for its own region's labels or when it is about as near to both. Films with labels of both
+    regions are left out; fewer than FILM_REGION_MIN_FILMS films of either region keep nothing."""
+    rng = np.random.default_rng(0)
+    chest_c, limb_c = rng.normal(0, 1, 256), rng.normal(0, 1, 256)
+    films = [(["left_lung", "heart"], chest_c + rng.normal(0, 0.3, 256)) for _ in range(6)]
+    films += [(["femur"], limb_c + rng.normal(0, 0.3, 256)) for _ in range(5)]
+    films += [(["heart", "tibia"], rng.normal(0, 5, 256))]  # both regions: left out
+    priors = PriorBoxes()
+    assert priors.fit_film_regions(films) == {"chest": 6, "lower_limb": 5}
+    assert {r: s["n"] for r, s in priors.film_regions.items()} == {"chest": 6, "lower_limb": 5}
+    leg = priors.film_distances(limb_c + rng.normal(0, 0.3, 256))
+    assert leg["lower_limb"] < 1.5 < 2 * 1.5 < leg["chest"]
+    why = priors.film_region_warning("left_lung", leg)
+    assert why and "lower-limb film, not a chest film" in why and "may not show the left lung" in why
+    assert priors.film_region_warning("femur", leg) is None and priors.film_region_warning("tibia", leg) is None
+    between = priors.film_distances((chest_c + limb_c) / 2)
+    assert all(priors.film_region_warning(lab, between) is None for lab in ("heart", "femur"))
+    again = PriorBoxes.from_json(json.loads(json.dumps(priors.to_json())))
+    assert again.film_region_warning("left_lung", again.film_distances(limb_c)) == \
+        priors.film_region_warning("left_lung", priors.film_distances(limb_c))
+    assert PriorBoxes().film_distances(limb_c) == {}  # no statistics: no check
+    few = PriorBoxes()
+    assert few.fit_film_regions(films[:4] + films[6:]) == {"chest": 4, "lower_limb": 5} and not few.film_regions
+    # what the trainer encodes: at most 12 films of each region with 5 or more, none when only one region has them
+    items = load_folder(SAMPLE, ("left_lung", "heart", "femur", "tibia"))
+    chosen = film_region_items(items)
+    assert len(chosen) == 24 and len(film_region_items(items, per_region=3)) == 6
+    assert film_region_items([it for it in items if "femur" not in it.masks]) == []
 
 
 def test_envelope_prior_holds_every_training_box_and_auto_picks_it_for_the_scattered_clavicles():

@@ -375,6 +375,16 @@ class Predictor:
             return View.full((h, w), self.backbone.input_size, stretch=True)
         return self.backbone.full_view((h, w))
 
+    def film_vector(self) -> np.ndarray:
+        """The current film's whole-film embedding averaged over its grid (256 numbers): what
+        ``PriorBoxes.film_distances`` compares with each body region's training films."""
+        emb, _ = self.embedding(self.coarse_view())
+        return emb.float().mean(dim=(2, 3))[0].cpu().numpy()
+
+    def film_distances(self) -> dict[str, float]:
+        """:meth:`PriorBoxes.film_distances` of the current film; {} (no encode) when the priors keep no regions."""
+        return self.priors.film_distances(self.film_vector()) if self.priors.film_regions else {}
+
     def mid_view(self) -> View:
         """The crop of the region holding the mid labels' prior boxes (``PriorBoxes.mid_region``; on a chest film
         the upper thorax), stretched to the model input: where an adapter trained with ``mid_view`` finds them."""
@@ -634,6 +644,7 @@ class Predictor:
             else:
                 fine = [self._fine_logits(fb, None if tokens is None else tokens[i:i + 1])
                         for i, fb in enumerate(fine_boxes)]
+        distances = self.film_distances() if any(s != "user_box" for s in sources) else {}
         for i, p in enumerate(parsed):
             if refine:
                 fine_logits, score = fine[i]
@@ -641,8 +652,10 @@ class Predictor:
             else:
                 mask, score, used_box = full[i], float(iou[i]), prompt_boxes[i]
             mask = largest_component(mask)
+            # a user box says the structure is there: only its mask's shape is checked
+            region = None if sources[i] == "user_box" else self.priors.film_region_warning(p.label, distances)
             results.append(LabelResult(p.label, mask, score, [float(v) for v in used_box], sources[i],
-                                       self.priors.check(p.label, mask)))
+                                       region or self.priors.check(p.label, mask)))
         t1 = time.perf_counter()
         return results, {"coarse": 1e3 * (t_coarse - t0), "fine": 1e3 * (t1 - t_coarse)}
 

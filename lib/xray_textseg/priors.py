@@ -67,6 +67,16 @@ THICKNESS_CHECKED = ("left_clavicle", "right_clavicle")
 SHAPE_SIGMAS = 5.0
 SHAPE_MIN_SD = 0.1
 SHAPE_MIN_MASKS = 5  # fewer training masks of a label: no shape check for it
+# Every answer also says when the whole film looks like a film of another body region than the asked label's (a lung
+# asked on a long-leg film): the film's whole-film embedding, averaged over its 64 x 64 grid (256 numbers), is nearer
+# another region's training films than the label's region's, by more than FILM_REGION_RATIO (RMS of per-feature z, the
+# sd pooled over the regions). The shape check misses these when a lung-shaped piece of the leg comes back. Measured
+# with the starter adapter on the 20 unseen split-0 films: a film's own region at z 0.6-1.2, the other at 5.0-5.4
+# (docs/results.md, 2026-12-04). Fitted on at least FILM_REGION_MIN_FILMS training films of each of two regions
+# (vocabulary.BODY_REGIONS; films with labels of both are left out); fewer: no region check.
+FILM_REGION_RATIO = 2.0
+FILM_REGION_MIN_FILMS = 5
+FILM_REGION_MAX_FILMS = 12  # per region, the trainer's cost: one whole-film encode each (~1.3 s on 2 CPU cores)
 
 
 def _union_box(boxes) -> np.ndarray:
@@ -122,6 +132,9 @@ class PriorBoxes:
     thickness: dict[str, float] = field(default_factory=dict)  # THICKNESS_CHECKED labels: thickest training mask
     # per label, {feature of mask_shape: (mean, sd) of its log over the training masks, "n": their count} (fit_shape)
     shape: dict[str, dict] = field(default_factory=dict)
+    # {region: {"labels": [...], "mean": [256 floats], "n": films}} and the pooled per-feature sd (fit_film_regions)
+    film_regions: dict[str, dict] = field(default_factory=dict)
+    film_sd: list[float] = field(default_factory=list)
 
     def box(self, label: str, image_shape: tuple[int, int]) -> np.ndarray:
         """The prior box of ``label`` in pixel coordinates of an image of ``image_shape`` (H, W)."""
@@ -224,6 +237,53 @@ class PriorBoxes:
         shape = mask_shape(mask)
         return self._unlike(label, shape) or self._too_thick(label, shape["thickness"] if shape else 0.0)
 
+    def fit_film_regions(self, films: Iterable[tuple[Iterable[str], np.ndarray]],
+                         min_films: int = FILM_REGION_MIN_FILMS) -> dict[str, int]:
+        """Keep, per body region (``vocabulary.BODY_REGIONS``), the mean of its training films' pooled whole-film
+        embeddings (``films``: (the film's labels, its vector)) and the per-feature sd pooled over the regions, for
+        :meth:`film_region_warning`. Needs ``min_films`` films of each of at least two regions, else keeps nothing.
+        Returns the films counted per region."""
+        from .vocabulary import BODY_REGIONS
+
+        by_region: dict[str, list[np.ndarray]] = {}
+        for labels, vec in films:
+            regions = {r for r, members in BODY_REGIONS.items() for lab in labels if lab in members}
+            if len(regions) == 1:
+                by_region.setdefault(regions.pop(), []).append(np.asarray(vec, np.float64).ravel())
+        counts = {r: len(v) for r, v in by_region.items()}
+        kept = {r: np.stack(v) for r, v in by_region.items() if len(v) >= min_films}
+        self.film_regions, self.film_sd = {}, []
+        if len(kept) < 2:
+            return counts
+        var = np.mean([x.var(axis=0) for x in kept.values()], axis=0)
+        self.film_sd = [float(f"{v:.4g}") for v in np.sqrt(var + 1e-8)]
+        for r, x in kept.items():
+            self.film_regions[r] = {"labels": [lab for lab in BODY_REGIONS[r]], "n": len(x),
+                                    "mean": [float(f"{v:.4g}") for v in x.mean(axis=0)]}
+        return counts
+
+    def film_distances(self, vec: np.ndarray) -> dict[str, float]:
+        """RMS z-distance of a film's pooled embedding to each region's training films (empty without regions)."""
+        if not self.film_regions:
+            return {}
+        v, sd = np.asarray(vec, np.float64).ravel(), np.asarray(self.film_sd)
+        return {r: float(np.sqrt(np.mean(((v - np.asarray(s["mean"])) / sd) ** 2)))
+                for r, s in self.film_regions.items()}
+
+    def film_region_warning(self, label: str, distances: dict[str, float],
+                            ratio: float = FILM_REGION_RATIO) -> str | None:
+        """Why the film (its :meth:`film_distances`) may not show ``label``: it is nearer another region's training
+        films than the label's region's by more than ``ratio``. None when it is not, or without regions."""
+        own = next((r for r, s in self.film_regions.items() if label in s["labels"]), None)
+        if own is None or own not in distances:
+            return None
+        nearest = min(distances, key=distances.get)
+        if nearest == own or distances[own] <= ratio * distances[nearest]:
+            return None
+        name, region = label.replace("_", " "), nearest.replace("_", "-")
+        return (f"this film looks like a {region} film, not a {own.replace('_', '-')} film (its image is nearer the "
+                f"{region} training films): it may not show the {name}; check it or draw a box")
+
     def mid_labels(self, labels: Iterable[str]) -> list[str]:
         """The labels among ``labels`` whose prompt is an envelope (:meth:`fit`): the ones an adapter trained with a
         mid view (``TrainConfig.mid_view``) finds on :meth:`mid_region` instead of the whole film."""
@@ -273,6 +333,9 @@ class PriorBoxes:
             out["thickness"] = dict(self.thickness)
         if self.shape:
             out["shape"] = {k: dict(v) for k, v in self.shape.items()}  # (mean, sd) tuples are JSON lists
+        if self.film_regions:
+            out["film_regions"] = {k: dict(v) for k, v in self.film_regions.items()}
+            out["film_sd"] = list(self.film_sd)
         if self.relative:
             out["relative"] = {k: {"anchor": a, "box": list(b)} for k, (a, b) in self.relative.items()}
         return out
@@ -287,6 +350,10 @@ class PriorBoxes:
         priors.thickness.update({k: float(v) for k, v in data.get("thickness", {}).items()})
         for k, v in data.get("shape", {}).items():
             priors.shape[k] = {"n": int(v["n"]), **{f: tuple(float(x) for x in v[f]) for f in ("thickness", "aspect")}}
+        for k, v in data.get("film_regions", {}).items():
+            priors.film_regions[k] = {"labels": [str(x) for x in v["labels"]], "n": int(v["n"]),
+                                      "mean": [float(x) for x in v["mean"]]}
+        priors.film_sd = [float(x) for x in data.get("film_sd", [])]
         for k, v in data.get("relative", {}).items():
             priors.relative[k] = (str(v["anchor"]), tuple(float(x) for x in v["box"]))  # type: ignore[assignment]
         return priors

@@ -50,7 +50,7 @@ import torch.nn.functional as F
 from .adapters import LORA_TARGETS
 from .backbones import Backbone, cpu_has_bf16, cpuinfo, encode_batch_size
 from .io import Radiograph, crop_radiograph, load_mask, load_radiograph
-from .priors import ANCHORS, THICKNESS_CHECKED, PriorBoxes
+from .priors import ANCHORS, FILM_REGION_MAX_FILMS, FILM_REGION_MIN_FILMS, THICKNESS_CHECKED, PriorBoxes
 from .text import PromptHead, TextEncoder, side_code
 from .transforms import View, field_crop, mask_box
 from .vocabulary import label_phrases
@@ -985,24 +985,61 @@ def train_adapter(items: list[TrainItem], out_dir: str | Path, *, backbone: Back
     }
     save_adapter(staging, head=trainer.head, decoder=trainer.backbone.mask_decoder,
                  encoder_peft=trainer.encoder_peft, priors=priors.to_json(), metadata=metadata)
-    return _validate_and_publish(staging, out_dir, val_items, backbone, text_encoder, labels, cfg, progress)
+    return _validate_and_publish(staging, out_dir, val_items, backbone, text_encoder, labels, cfg, progress,
+                                 train_items)
+
+
+def film_region_items(items: list[TrainItem], per_region: int = FILM_REGION_MAX_FILMS,
+                      min_films: int = FILM_REGION_MIN_FILMS) -> list[TrainItem]:
+    """The training films whose whole-film embeddings :meth:`PriorBoxes.fit_film_regions` averages: up to
+    ``per_region`` films (by content hash, so reproducible) of each body region with at least ``min_films``; none
+    unless two regions have that many (one region has nothing to be told apart from, and costs no encode)."""
+    from .vocabulary import BODY_REGIONS
+
+    by_region: dict[str, list[TrainItem]] = {}
+    for it in sorted(items, key=lambda it: it.hash):
+        regions = {r for r, members in BODY_REGIONS.items() for lab in it.labels if lab in members}
+        if len(regions) == 1:
+            by_region.setdefault(regions.pop(), []).append(it)
+    kept = [v[:per_region] for v in by_region.values() if len(v) >= min_films]
+    return [it for v in kept for it in v] if len(kept) >= 2 else []
+
+
+def fit_film_regions(predictor, items: list[TrainItem], priors: PriorBoxes) -> dict[str, int]:
+    """Fit ``priors``' body-region statistics (:meth:`PriorBoxes.fit_film_regions`) on the whole-film embeddings
+    ``predictor`` (its adapter loaded) computes for :func:`film_region_items` of ``items``."""
+    films = []
+    for it in film_region_items(items):
+        predictor.set_image(it.image)
+        films.append((it.labels, predictor.film_vector()))
+    return priors.fit_film_regions(films)
 
 
 def _validate_and_publish(staging: Path, out_dir: Path, val_items: list[TrainItem], backbone: Backbone,
                           text_encoder: TextEncoder, labels: tuple[str, ...], cfg: TrainConfig,
-                          progress: Callable[[dict], None] | None) -> dict:
+                          progress: Callable[[dict], None] | None,
+                          train_items: list[TrainItem] | None = None) -> dict:
     """Validate the adapter in ``staging`` through the serving path (choosing each label's serving settings),
-    record it in its metadata and rename it to ``out_dir``; on any failure ``staging`` is removed."""
+    fit the body-region check on ``train_items`` with it (:func:`fit_film_regions`), record both and rename it to
+    ``out_dir``; on any failure ``staging`` is removed."""
     from .predictor import Predictor
 
     try:
         validation, serving = {"dice": {}, "n_images": len(val_items)}, {}
-        if val_items:
+        region_items = film_region_items(train_items or [])
+        if val_items or region_items:
             predictor = Predictor(backbone, labels=labels, cache_size=len(labels) + 2, crop_margin=cfg.crop_margin,
                                   max_tile_aspect=cfg.max_tile_aspect, text_encoder=text_encoder)
             predictor.load_adapter(staging)
-            validation, serving = choose_coarse_grow(predictor, val_items, labels, tuple(cfg.grow_candidates),
-                                                     cfg.grow_margin, progress=progress)
+            if val_items:
+                validation, serving = choose_coarse_grow(predictor, val_items, labels, tuple(cfg.grow_candidates),
+                                                         cfg.grow_margin, progress=progress)
+            if region_items:
+                if progress:
+                    progress({"phase": "film regions", "done": 0, "total": len(region_items)})
+                priors = PriorBoxes.load(staging / "priors.json")
+                fit_film_regions(predictor, region_items, priors)
+                priors.save(staging / "priors.json")
             predictor.unload_adapter()
         meta = json.loads((staging / "metadata.json").read_text())
         meta["validation"] = validation
@@ -1042,7 +1079,8 @@ def retune_adapter(src: str | Path, out_dir: str | Path, data_dir: str | Path, *
     shutil.rmtree(staging, ignore_errors=True)
     shutil.copytree(src, staging)
     fit_priors(train_items, labels, cfg.coarse_prior).save(staging / "priors.json")
-    return _validate_and_publish(staging, out_dir, val_items, backbone, text_encoder, labels, cfg, progress)
+    return _validate_and_publish(staging, out_dir, val_items, backbone, text_encoder, labels, cfg, progress,
+                                 train_items)
 
 
 def validate(predictor, items: list[TrainItem], labels: tuple[str, ...] | None = None) -> dict:

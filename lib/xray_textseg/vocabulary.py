@@ -22,6 +22,9 @@ LABEL_SETS: dict[str, tuple[str, ...]] = {
     "lower_limb": LOWER_LIMB_LABELS,
     "both": ALL_LABELS,
 }
+# The body regions a film shows (a film of one region does not show another's labels): the body-region check
+# (priors.FILM_REGION_RATIO) tells them apart.
+BODY_REGIONS: dict[str, tuple[str, ...]] = {"chest": CHEST_LABELS, "lower_limb": LOWER_LIMB_LABELS}
 
 # Anatomy nouns (singular, lower case) -> canonical stem. Lateralised stems need a side.
 _NOUNS: dict[str, str] = {
@@ -187,7 +190,7 @@ def companion_labels(asked, allowed: tuple[str, ...] = ALL_LABELS) -> list[str]:
     """The labels a clinician may ask for next on the same film: the others of the asked labels' regions (chest,
     lower limb) among ``allowed``, in vocabulary order. What the server segments ahead after a prompt."""
     out: list[str] = []
-    for region in (CHEST_LABELS, LOWER_LIMB_LABELS):
+    for region in BODY_REGIONS.values():
         if any(a in region for a in asked):
             out += [label for label in region if label in allowed and label not in asked]
     return out
