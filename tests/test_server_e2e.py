@@ -181,6 +181,36 @@ def test_next_sample_is_warmed_with_the_labels_of_the_last_prompt(server):
     assert infer(first, "femur")["cache"] == {"hits": 0, "misses": 0, "result_hits": 1}
 
 
+def test_a_film_uploaded_askew_is_answered_upright_in_its_own_pixels(server):
+    """A long-leg film turned by 8 degrees onto a black canvas, uploaded as a PNG: the answer's label map has the
+    canvas's size, says how the film was read (``film``: turned upright), and its tibia lies on the turned tibia."""
+    import io
+
+    from PIL import Image
+    from scipy import ndimage
+    from xray_textseg.io import load_radiograph
+
+    film = load_radiograph(SAMPLE / "images" / "limb_001.png")
+    truth = load_mask(SAMPLE / "labels" / "tibia" / "limb_001.png", film.shape) > 0
+
+    def turn(a, order=1):
+        return ndimage.rotate(np.asarray(a, np.float32), 8.0, reshape=True, order=order, mode="constant")
+
+    canvas = np.clip(turn(film.pixels / film.pixels.max() * 255.0), 0, 255).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(canvas).save(buf, format="PNG")
+    r = server.client.post("/infer/xray_textseg", params={"output": "all"},
+                           data={"params": json.dumps({"prompt": "tibia"})},
+                           files={"file": ("askew_leg.png", buf.getvalue())})
+    assert r.status_code == 200, r.text
+    parts = _multipart(r)
+    params = json.loads(parts["params"])
+    assert abs(abs(params["film"]["turned_degrees"]) - 8.0) < 0.3, params
+    lm = read_label_map(parts["image"])
+    assert lm.shape == canvas.shape
+    assert dice(lm == params["label_names"]["tibia"], turn(truth) > 0.5) > 0.8
+
+
 def test_a_prompt_for_a_bone_the_chest_film_does_not_show_is_answered_with_a_warning(server):
     """The mask still comes back (the clinician decides), with the reason in the answer's params and the log. Last in
     the module: a cached femur on chest_000 would do the prefetch test's work for it."""

@@ -897,3 +897,27 @@ def test_a_padded_training_film_is_trained_on_its_exposed_field_and_recorded_by_
     _, val = split_items([cropped, TrainItem("other", load_radiograph(SAMPLE / "images" / "chest_005.png"),
                                              {"heart": mask})], 0.5, seed=0, keep=keep)
     assert [v.name for v in val] == ["chest_004"]
+
+
+def test_a_training_film_lying_askew_is_trained_upright():
+    """As the predictor sees it: a film turned on its canvas is trained on turned upright, its masks with it, and
+    recorded by the whole film's hash."""
+    from scipy import ndimage
+    from xray_textseg.io import load_mask, load_radiograph, radiograph_from_array
+    from xray_textseg.metrics import dice
+    from xray_textseg.train import TrainItem
+
+    def turn(a):
+        return ndimage.rotate(np.asarray(a, np.float32), -6.0, reshape=True, order=1, mode="constant")
+
+    film = load_radiograph(SAMPLE / "images" / "limb_003.png")
+    masks = {lab: load_mask(SAMPLE / "labels" / lab / "limb_003.png", film.shape) > 0 for lab in ("femur", "tibia")}
+    item = TrainItem("limb_003", radiograph_from_array(turn(film.pixels)), {k: turn(m) > 0.5 for k, m in masks.items()})
+    upright = item.on_field()
+    assert upright is not item and upright.hash == item.hash
+    h, w = upright.image.shape
+    assert film.shape[0] - 6 <= h <= film.shape[0] and film.shape[1] - 6 <= w <= film.shape[1]
+    dy, dx = (film.shape[0] - h) // 2, (film.shape[1] - w) // 2
+    for lab, m in masks.items():
+        assert upright.masks[lab].shape == upright.image.shape
+        assert dice(upright.masks[lab], m[dy:dy + h, dx:dx + w]) > 0.95, lab

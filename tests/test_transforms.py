@@ -5,7 +5,8 @@ import pytest
 import torch
 from conftest import real_dir
 from xray_textseg.io import load_radiograph
-from xray_textseg.transforms import View, exposed_field, field_crop, largest_component, mask_box
+from xray_textseg.transforms import (View, exposed_field, field_crop, film_field, largest_component, mask_box,
+                                     skewed_field)
 
 
 @pytest.mark.parametrize("stretch", [False, True])
@@ -87,7 +88,57 @@ def test_a_nearly_blank_film_is_not_cropped_to_a_sliver():
 
 def test_the_development_films_are_used_whole():
     """Every adapter so far trained on these films whole (JSRT's borders take up to 2 % of the height, the OAI
-    films' padding 12-13 %): the field crop must leave them as they are."""
+    films' padding 12-13 %): neither the field crop nor the skew check may change them."""
     for name in ("jsrt_chest", "oai_lower_limb"):
         for path in sorted((real_dir(name) / "images").glob("*.png")):
-            assert field_crop(load_radiograph(path).pixels) is None, path.name
+            pixels = load_radiograph(path).pixels
+            assert field_crop(pixels) is None and film_field(pixels) is None, path.name
+
+
+def _askew(film: np.ndarray, degrees: float, fill: float = 0.0) -> np.ndarray:
+    from scipy import ndimage
+
+    return ndimage.rotate(film, degrees, reshape=True, order=1, mode="constant", cval=fill)
+
+
+@pytest.mark.parametrize("degrees,fill", [(7.0, 0.0), (-12.0, 255.0), (3.0, 0.0)])
+def test_a_film_lying_askew_on_its_canvas_is_turned_upright(degrees, fill):
+    """A film scanned or exported askew: a turned rectangle with the canvas's fill in the corners. The field is the
+    film upright (its pixels match the film's), and masks go to the field and back unchanged."""
+    film = _film(400, 160)  # a narrow film, like a long-leg one
+    canvas = _askew(film, degrees, fill)
+    field = skewed_field(canvas)
+    assert field is not None and field.rotation is not None
+    assert abs(abs(field.rotation[0]) - abs(degrees)) < 0.3
+    h, w = field.shape
+    assert 400 - 6 <= h <= 400 and 160 - 6 <= w <= 160
+    upright = field.pixels(canvas)
+    # the field is the film, less a pixel or two at its edges (where the canvas's fill was blended in)
+    dy, dx = (400 - h) // 2, (160 - w) // 2
+    assert np.corrcoef(upright.ravel(), film[dy:dy + h, dx:dx + w].ravel())[0, 1] > 0.97
+    assert film_field(canvas) == field
+    mask = np.zeros(canvas.shape, bool)
+    cy, cx = canvas.shape[0] // 2, canvas.shape[1] // 2
+    mask[cy - 60:cy + 80, cx - 20:cx + 30] = True
+    back = field.mask_to_film(field.mask_from_film(mask), canvas.shape)
+    assert 2 * (back & mask).sum() / (back.sum() + mask.sum()) > 0.99
+    # a box drawn on the canvas lands on the same place of the field
+    b = field.box_from_film([cx - 20, cy - 60, cx + 30, cy + 80])
+    inside = field.mask_from_film(mask)
+    ys, xs = np.nonzero(inside)
+    assert abs(b[0] - xs.min()) < 12 and abs(b[3] - ys.max() - 1) < 12
+
+
+def test_an_upright_or_uneven_film_is_not_turned():
+    film = _film(400, 300)
+    assert skewed_field(film) is None  # no fill in the corners
+    assert skewed_field(np.pad(film, 40)) is None  # padded but upright: the exposed field's business
+    assert film_field(np.pad(film, ((0, 0), (200, 200)))).rotation is None
+    assert skewed_field(_askew(film, 0.5)) is None  # under SKEW_MIN_DEGREES
+    corners = _askew(film, 8.0)
+    corners[:30, :30] = 90.0  # a burned-in label over a corner: three corners still agree
+    assert skewed_field(corners) is not None
+    yy, xx = np.mgrid[0:400, 0:400]
+    disc = (yy - 200) ** 2 + (xx - 200) ** 2 < 150 ** 2
+    blob = np.where(disc, 100.0 + _film(400, 400), 0.0).astype(np.float32)
+    assert skewed_field(blob) is None  # a round field is not a turned rectangle

@@ -136,6 +136,13 @@ def radiograph_from_array(array: np.ndarray) -> Radiograph:
     return Radiograph(pixels, None, "array", tuple(np.shape(array)), None, photometric, bits, None)
 
 
+def field_radiograph(image: Radiograph, field) -> Radiograph:
+    """The film as the pipeline sees it on ``field`` (``transforms.Field``: its exposed field, or turned upright),
+    as a radiograph of its own (same source, spacing and photometry; no NIfTI affine, as :func:`crop_radiograph`)."""
+    return Radiograph(field.pixels(image.pixels), image.path, image.source_format, image.source_shape,
+                      image.pixel_spacing, image.photometric, image.bits, None)
+
+
 def crop_radiograph(image: Radiograph, box: tuple[int, int, int, int]) -> Radiograph:
     """The region ``box`` = (x0, y0, x1, y1) of ``image`` as a radiograph of its own (pixels copied; same source,
     spacing and photometry; no NIfTI affine: masks go back into the whole film, not into this region)."""

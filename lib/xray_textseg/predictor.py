@@ -14,6 +14,9 @@ its coarse prompt box from the anchor's coarse mask where the adapter's validati
 film prior, the coarse mask is checked against the anchor-placed box and prompted again from it when the two do
 not overlap (``checked_against``).
 
+A film lying askew on a larger canvas (scanned or exported turned) is segmented turned upright, and a film with wide
+flat borders on its exposed field (``transforms.film_field``); the masks come back in the whole film's pixels.
+
 Every embedding (whole film or crop) is cached by (pixels, backbone weights, adapter version,
 precision, view), so further prompts on the same image only pay for decoding.
 
@@ -36,9 +39,9 @@ import torch
 
 from .backbones import Backbone, Interrupted, encode_batch_size, interruptible
 from .cache import LRU, EmbeddingCache
-from .io import Radiograph, crop_radiograph, load_radiograph, radiograph_from_array
+from .io import Radiograph, field_radiograph, load_radiograph, radiograph_from_array
 from .priors import ANCHOR_CHECK_IOU, PriorBoxes, box_iou
-from .transforms import View, field_crop, largest_component, mask_box
+from .transforms import Field, View, film_field, largest_component, mask_box
 from .vocabulary import ALL_LABELS, ParsedLabel, parse_prompt
 
 # An adapter's fine pass is trained on crops around the true box grown by U(-0.05, 0.3) per side
@@ -68,6 +71,9 @@ class Prediction:
     image_shape: tuple[int, int]
     timings_ms: dict[str, float] = field(default_factory=dict)
     cache: dict[str, int] = field(default_factory=dict)
+    # how the film was read, when not as given (``Predictor.film_notes``): {"field": [x0, y0, x1, y1] in the film
+    # (or in the film turned upright), "turned_degrees": the film's turn on its canvas}
+    film: dict = field(default_factory=dict)
 
     @property
     def warnings(self) -> dict[str, str]:
@@ -153,9 +159,9 @@ class Predictor:
         self._image: Radiograph | None = None  # the current film, or its exposed field (see _focus)
         self._hash = ""  # the whole film's content hash
         self._source: Radiograph | None = None  # the whole film as given
-        self._field: tuple[int, int, int, int] | None = None  # where _image lies in the whole film, if cropped
+        self._field: Field | None = None  # where _image lies in the whole film, if cropped or turned
         self._film_shape: tuple[int, int] | None = None
-        self._fields = LRU(256)  # content hash -> field box, or () for a film used whole
+        self._fields = LRU(256)  # content hash -> Field, or () for a film used whole
         self._lock = threading.RLock()
         self._pending = 0  # requests waiting for or holding the lock (_foreground): background warm-up yields to them
         self._background = None  # the Interruption of the warm-up step in progress, if any
@@ -176,44 +182,47 @@ class Predictor:
         return image
 
     def _focus(self, image: Radiograph, h: str) -> None:
-        """Make ``image`` (content hash ``h``) the current film. When flat borders take a large part of it (a film
-        padded onto a larger canvas, a wide collimated band: ``transforms.field_crop``) the pipeline works on its
-        exposed field, where the prior boxes and the adapter's training expect the anatomy, and the masks are put
-        back into the whole film. Under the lock."""
-        box = self._fields.get(h)
-        if box is None:
-            box = field_crop(image.pixels) or ()
-            self._fields.put(h, box)
-        self._field = tuple(box) or None
+        """Make ``image`` (content hash ``h``) the current film. When it lies askew on its canvas, or flat borders
+        take a large part of it (a film padded onto a larger canvas, a wide collimated band: ``transforms.film_field``),
+        the pipeline works on the film turned upright or on its exposed field, where the prior boxes and the adapter's
+        training expect the anatomy, and the masks are put back into the whole film. Under the lock."""
+        found = self._fields.get(h)
+        if found is None:
+            found = film_field(image.pixels) or ()
+            self._fields.put(h, found)
+        self._field = found or None
         self._film_shape = image.shape
-        self._image = crop_radiograph(image, box) if box else image
+        self._image = field_radiograph(image, found) if found else image
         self._source, self._hash = image, h
 
     @property
-    def field(self) -> tuple[int, int, int, int] | None:
-        """Where the pipeline works in the current film: (x0, y0, x1, y1), or None for the whole film."""
+    def field(self) -> Field | None:
+        """Where the pipeline works in the current film (``transforms.Field``: a box, turned upright for a film lying
+        askew), or None for the whole film."""
         return self._field
+
+    def film_notes(self) -> dict:
+        """How the pipeline reads the current film, when not as given: {"field": [x0, y0, x1, y1]} (the exposed
+        field, or the film's rectangle turned upright) and {"turned_degrees": d} for a film lying askew on its
+        canvas; {} for a film used as it is."""
+        if self._field is None:
+            return {}
+        notes: dict = {"field": [int(v) for v in self._field.box]}
+        if self._field.rotation is not None:
+            notes["turned_degrees"] = round(float(self._field.rotation[0]), 2)
+        return notes
 
     def _boxes_to_field(self, boxes: dict[str, list[float]] | None) -> dict[str, list[float]] | None:
         if not boxes or self._field is None:
             return boxes
-        x0, y0, x1, y1 = self._field
-        out = {}
-        for label, b in boxes.items():
-            bx0, by0, bx1, by1 = (float(v) for v in b)
-            out[label] = [min(max(bx0 - x0, 0.0), x1 - x0 - 1.0), min(max(by0 - y0, 0.0), y1 - y0 - 1.0),
-                          min(max(bx1 - x0, 1.0), float(x1 - x0)), min(max(by1 - y0, 1.0), float(y1 - y0))]
-        return out
+        return {label: self._field.box_from_film(b) for label, b in boxes.items()}
 
     def _result_to_film(self, r: LabelResult) -> LabelResult:
         """A result of the field's pipeline in the whole film's pixels."""
         if self._field is None:
             return r
-        x0, y0, x1, y1 = self._field
-        mask = np.zeros(self._film_shape, dtype=bool)
-        mask[y0:y1, x0:x1] = r.mask
-        box = [r.box[0] + x0, r.box[1] + y0, r.box[2] + x0, r.box[3] + y0]
-        return LabelResult(r.label, mask, r.score, box, r.prompt_source, r.warning)
+        return LabelResult(r.label, self._field.mask_to_film(r.mask, self._film_shape), r.score,
+                           self._field.box_to_film(r.box, self._film_shape), r.prompt_source, r.warning)
 
     def _cache_key(self, view: View) -> tuple:
         return (self._hash, self.backbone.weights_id, self.encoder_version, self.precision, view.key())
@@ -520,7 +529,7 @@ class Predictor:
         return Prediction(
             results, self.mode, self._film_shape, timings_ms={**timings, "total": 1e3 * (t1 - t0)},
             cache={"hits": self.cache.hits - hits0, "misses": self.cache.misses - misses0,
-                   "result_hits": len(parsed) - len(todo)},
+                   "result_hits": len(parsed) - len(todo)}, film=self.film_notes(),
         )
 
     def warm(self, image: Radiograph, labels: list[str] | tuple[str, ...] = (),

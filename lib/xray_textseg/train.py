@@ -49,10 +49,10 @@ import torch.nn.functional as F
 
 from .adapters import LORA_TARGETS
 from .backbones import Backbone, cpu_has_bf16, cpuinfo, encode_batch_size
-from .io import Radiograph, crop_radiograph, load_mask, load_radiograph
+from .io import Radiograph, field_radiograph, load_mask, load_radiograph
 from .priors import ANCHORS, FILM_REGION_MAX_FILMS, FILM_REGION_MIN_FILMS, THICKNESS_CHECKED, PriorBoxes
 from .text import PromptHead, TextEncoder, side_code
-from .transforms import View, field_crop, mask_box
+from .transforms import View, film_field, mask_box
 from .vocabulary import label_phrases
 
 logger = logging.getLogger(__name__)
@@ -158,14 +158,14 @@ class TrainItem:
         return self.source_hash or self.image.content_hash()
 
     def on_field(self) -> TrainItem:
-        """The item as the predictor sees its film: cropped to the exposed field when flat borders take a large part
-        of it (``transforms.field_crop``), masks with it; else itself. Training and serving see the same pixels."""
-        box = field_crop(self.image.pixels)
-        if box is None:
+        """The item as the predictor sees its film: turned upright when it lies askew on its canvas, or cropped to
+        the exposed field when flat borders take a large part of it (``transforms.film_field``), masks with it; else
+        itself. Training and serving see the same pixels."""
+        found = film_field(self.image.pixels)
+        if found is None:
             return self
-        x0, y0, x1, y1 = box
-        return TrainItem(self.name, crop_radiograph(self.image, box),
-                         {k: v[y0:y1, x0:x1] for k, v in self.masks.items()}, self.hash)
+        return TrainItem(self.name, field_radiograph(self.image, found),
+                         {k: found.mask_from_film(v) for k, v in self.masks.items()}, self.hash)
 
 
 @dataclass

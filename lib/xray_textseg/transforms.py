@@ -7,6 +7,9 @@ trained, and what keeps long bones and clavicles from collapsing to a few pixels
 Boxes go image -> model with :meth:`View.box_to_model`; mask logits come back with
 :meth:`View.logits_to_image`. Coordinates are (x, y) = (column, row) in pixels, boxes are
 ``[x0, y0, x1, y1]`` with x1/y1 exclusive.
+
+A :class:`Field` is where the pipeline works on a film: all of it, its exposed field (wide flat borders cut off), or
+the film turned upright when it lies askew on its canvas (:func:`film_field`).
 """
 
 from __future__ import annotations
@@ -134,6 +137,26 @@ class View:
         return out
 
 
+def turn_points(xs, ys, rotation: tuple[float, float, float], inverse: bool = False):
+    """Points (x, y) of a turned frame on the film; ``inverse``: film points in the frame. ``rotation`` = (degrees,
+    cx, cy): the frame's point s is the film's point c + R (s - c), R the rotation by ``degrees`` taking the x axis
+    (1, 0) to (cos, sin) in (x, y), y pointing down the rows."""
+    degrees, cx, cy = rotation
+    t = np.radians(-degrees if inverse else degrees)
+    c, s = np.cos(t), np.sin(t)
+    dx, dy = np.asarray(xs, np.float64) - cx, np.asarray(ys, np.float64) - cy
+    return cx + c * dx - s * dy, cy + s * dx + c * dy
+
+
+def turned_box_on_film(box, rotation: tuple[float, float, float], image_shape: tuple[int, int]) -> tuple[int, ...]:
+    """The film-frame box (integers, clamped to the film) holding a turned frame's ``box``."""
+    x0, y0, x1, y1 = (float(v) for v in box)
+    fx, fy = turn_points(np.array([x0, x1, x1, x0]), np.array([y0, y0, y1, y1]), rotation)
+    h, w = image_shape
+    return (int(max(0, np.floor(fx.min()))), int(max(0, np.floor(fy.min()))),
+            int(min(w, np.ceil(fx.max()))), int(min(h, np.ceil(fy.max()))))
+
+
 def mask_box(mask: np.ndarray) -> tuple[int, int, int, int] | None:
     """Tight [x0, y0, x1, y1) box of a boolean mask, or None when it is empty."""
     rows = np.flatnonzero(mask.any(axis=1))
@@ -201,3 +224,148 @@ def field_crop(pixels: np.ndarray) -> tuple[int, int, int, int] | None:
     if (x1 - x0) >= (1 - FIELD_CROP) * w and (y1 - y0) >= (1 - FIELD_CROP) * h:
         return None
     return x0, y0, x1, y1
+
+
+# A film scanned or exported askew sits on its canvas as a turned rectangle with the canvas's fill in the corners
+# (the same value, exactly, in at least three corners). When the rectangle is turned by at least SKEW_MIN_DEGREES
+# (and at most SKEW_MAX_DEGREES) and fills at least SKEW_RECTANGULAR of its own area, the pipeline works on the film
+# turned upright (a turned Field). The prior boxes, the stretched whole-film view and the fine crops of a long bone
+# all assume an upright film: the starter adapter's tibia fell from 0.91 to 0.42 on long-leg films turned by 7
+# degrees (docs/results.md, 2026-12-04).
+SKEW_MIN_DEGREES = 1.0
+SKEW_MAX_DEGREES = 30.0
+SKEW_RECTANGULAR = 0.95
+SKEW_FILL_TOL = 1e-3  # a fill pixel differs from the corners' value by at most this fraction of the film's range
+
+
+@dataclass(frozen=True)
+class Field:
+    """Where the pipeline works on a film: ``box`` (x0, y0, x1, y1) of the film, or with ``rotation`` (see
+    :func:`turn_points`) of the film turned upright. Its pixels, masks and boxes go both ways."""
+
+    box: tuple[int, int, int, int]
+    rotation: tuple[float, float, float] | None = None
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        x0, y0, x1, y1 = self.box
+        return y1 - y0, x1 - x0
+
+    def _sample(self, image: np.ndarray, order: int, cval: float | None) -> np.ndarray:
+        x0, y0, x1, y1 = self.box
+        if self.rotation is None:
+            return image[y0:y1, x0:x1].copy()
+        from scipy import ndimage
+
+        ys, xs = np.mgrid[y0:y1, x0:x1].astype(np.float64)
+        fx, fy = turn_points(xs, ys, self.rotation)
+        return ndimage.map_coordinates(np.asarray(image, np.float32), [fy, fx], order=order,
+                                       mode="nearest" if cval is None else "constant",
+                                       cval=0.0 if cval is None else cval)
+
+    def pixels(self, film: np.ndarray) -> np.ndarray:
+        """The field's image (float32): a crop, or the film turned upright (bilinear)."""
+        return np.asarray(self._sample(film, 1, None), np.float32)
+
+    def mask_from_film(self, mask: np.ndarray) -> np.ndarray:
+        """A film mask in the field's pixels (boolean)."""
+        if self.rotation is None:
+            return self._sample(mask, 0, 0.0)
+        return self._sample(mask.astype(np.float32), 1, 0.0) > 0.5
+
+    def mask_to_film(self, mask: np.ndarray, film_shape: tuple[int, int]) -> np.ndarray:
+        """A field mask in the whole film's pixels (boolean; empty outside the field)."""
+        x0, y0, x1, y1 = self.box
+        out = np.zeros(film_shape, dtype=bool)
+        if self.rotation is None:
+            out[y0:y1, x0:x1] = mask
+            return out
+        from scipy import ndimage
+
+        bx0, by0, bx1, by1 = turned_box_on_film(self.box, self.rotation, film_shape)
+        ys, xs = np.mgrid[by0:by1, bx0:bx1].astype(np.float64)
+        sx, sy = turn_points(xs, ys, self.rotation, inverse=True)
+        out[by0:by1, bx0:bx1] = ndimage.map_coordinates(mask.astype(np.float32), [sy - y0, sx - x0], order=1,
+                                                        mode="constant", cval=0.0) > 0.5
+        return out
+
+    def box_from_film(self, box) -> list[float]:
+        """A film box (a user's) as the field's box holding it, clamped to the field."""
+        x0, y0, x1, y1 = self.box
+        bx0, by0, bx1, by1 = (float(v) for v in box)
+        if self.rotation is not None:
+            sx, sy = turn_points(np.array([bx0, bx1, bx1, bx0]), np.array([by0, by0, by1, by1]), self.rotation,
+                                 inverse=True)
+            bx0, by0, bx1, by1 = float(sx.min()), float(sy.min()), float(sx.max()), float(sy.max())
+        return [min(max(bx0 - x0, 0.0), x1 - x0 - 1.0), min(max(by0 - y0, 0.0), y1 - y0 - 1.0),
+                min(max(bx1 - x0, 1.0), float(x1 - x0)), min(max(by1 - y0, 1.0), float(y1 - y0))]
+
+    def box_to_film(self, box, film_shape: tuple[int, int]) -> list[float]:
+        """A field box as the film box holding it (clamped to the film when turned)."""
+        x0, y0 = self.box[:2]
+        b = [float(box[0]) + x0, float(box[1]) + y0, float(box[2]) + x0, float(box[3]) + y0]
+        if self.rotation is None:
+            return b
+        return [float(v) for v in turned_box_on_film(b, self.rotation, film_shape)]
+
+
+def skewed_field(pixels: np.ndarray) -> Field | None:
+    """The turned :class:`Field` of a film lying askew on its canvas (see ``SKEW_MIN_DEGREES``), else None."""
+    from scipy import ndimage
+    from scipy.spatial import ConvexHull, QhullError
+
+    h, w = pixels.shape
+    if min(h, w) < 32:
+        return None
+    lo, hi = float(pixels.min()), float(pixels.max())
+    if hi <= lo:
+        return None
+    corners = np.array([pixels[0, 0], pixels[0, -1], pixels[-1, 0], pixels[-1, -1]], np.float64)
+    tol = SKEW_FILL_TOL * (hi - lo)
+    fill = float(np.median(corners))
+    if np.sum(np.abs(corners - fill) <= tol) < 3:
+        return None
+    filled = np.abs(pixels - fill) <= tol
+    labelled, _ = ndimage.label(filled)
+    outside = np.isin(labelled, [v for v in np.unique(labelled[[0, 0, -1, -1], [0, -1, 0, -1]]) if v])
+    film = ndimage.binary_fill_holes(largest_component(~outside))
+    area = int(film.sum())
+    if area < 0.25 * h * w:
+        return None
+    edge = film & ~ndimage.binary_erosion(film)
+    ys, xs = np.nonzero(edge)
+    pts = np.stack([xs, ys], 1).astype(np.float64)
+    try:
+        hull = pts[ConvexHull(pts).vertices]
+    except (QhullError, ValueError):
+        return None
+    best = None
+    for a, b in zip(hull, np.roll(hull, -1, axis=0)):  # the smallest box has a side on a hull edge
+        t = np.arctan2(b[1] - a[1], b[0] - a[0])
+        c, s = np.cos(t), np.sin(t)
+        u, v = hull[:, 0] * c + hull[:, 1] * s, -hull[:, 0] * s + hull[:, 1] * c
+        size = (u.max() - u.min() + 1) * (v.max() - v.min() + 1)
+        if best is None or size < best[0]:
+            best = (size, t)
+    size, t = best
+    degrees = (float(np.degrees(t)) + 45.0) % 90.0 - 45.0  # the side nearest the film's rows
+    if not SKEW_MIN_DEGREES <= abs(degrees) <= SKEW_MAX_DEGREES or area < SKEW_RECTANGULAR * size:
+        return None
+    cy, cx = (float(v) for v in np.argwhere(film).mean(axis=0))
+    rotation = (degrees, cx, cy)
+    sx, sy = turn_points(xs, ys, rotation, inverse=True)
+    # one pixel inside the turned rectangle's edge, so no fill is sampled
+    box = (int(np.ceil(sx.min())) + 1, int(np.ceil(sy.min())) + 1, int(np.floor(sx.max())), int(np.floor(sy.max())))
+    if box[2] - box[0] < 32 or box[3] - box[1] < 32:
+        return None
+    return Field(box, rotation)
+
+
+def film_field(pixels: np.ndarray) -> Field | None:
+    """Where the pipeline works on a film: upright when the film lies askew on its canvas (:func:`skewed_field`),
+    else on the exposed field when flat borders take a large part of it (:func:`field_crop`), else None (whole)."""
+    turned = skewed_field(pixels)
+    if turned is not None:
+        return turned
+    box = field_crop(pixels)
+    return None if box is None else Field(tuple(int(v) for v in box))

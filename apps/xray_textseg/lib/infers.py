@@ -161,6 +161,8 @@ class TextPromptSegmentation(InferTask):
                           "request": round(time.perf_counter() - t0, 4)},
             "cache": prediction.cache,
         }
+        if prediction.film:  # the film was read on its exposed field, or turned upright from its canvas
+            params["film"] = prediction.film
         if prediction.warnings:  # a mask the adapter's training masks say is implausible (a clavicle run onto a rib)
             params["warnings"] = prediction.warnings
             logger.warning("infer %s: %s", os.path.basename(path), "; ".join(prediction.warnings.values()))
