@@ -45,6 +45,7 @@ class XrayTextSegApp(MONAILabelApp):
         self.predictor = build_predictor(backbone=o.backbone, checkpoint=o.checkpoint or None, device=o.device,
                                          labels=o.labels, refine=o.refine, cache_size=o.cache_size,
                                          text_encoder=o.text_encoder or None)
+        self.predictor.negative_check = o.negative_check
         self.store = AdapterStore(o.adapter_dir or os.path.join(app_dir, "model", "adapters"))
         if o.starter_adapter:
             _, why = install_starter(self.store, self.predictor.backbone, self.predictor.text_encoder)

@@ -143,6 +143,13 @@ def field_radiograph(image: Radiograph, field) -> Radiograph:
                       image.pixel_spacing, image.photometric, image.bits, None)
 
 
+def inverted_radiograph(image: Radiograph) -> Radiograph:
+    """The film with its grey scale inverted (highest and lowest values swapped): a negative read as a positive."""
+    pixels = image.pixels
+    return Radiograph(float(pixels.max()) + float(pixels.min()) - pixels, image.path, image.source_format,
+                      image.source_shape, image.pixel_spacing, image.photometric, image.bits, image.nifti_affine)
+
+
 def crop_radiograph(image: Radiograph, box: tuple[int, int, int, int]) -> Radiograph:
     """The region ``box`` = (x0, y0, x1, y1) of ``image`` as a radiograph of its own (pixels copied; same source,
     spacing and photometry; no NIfTI affine: masks go back into the whole film, not into this region)."""

@@ -39,8 +39,8 @@ import torch
 
 from .backbones import Backbone, Interrupted, encode_batch_size, interruptible
 from .cache import LRU, EmbeddingCache
-from .io import Radiograph, field_radiograph, load_radiograph, radiograph_from_array
-from .priors import ANCHOR_CHECK_IOU, PriorBoxes, box_iou
+from .io import Radiograph, field_radiograph, inverted_radiograph, load_radiograph, radiograph_from_array
+from .priors import ANCHOR_CHECK_IOU, NEGATIVE_CHECK_Z, NEGATIVE_NEAR_Z, PriorBoxes, box_iou
 from .transforms import Field, View, film_field, largest_component, mask_box
 from .vocabulary import ALL_LABELS, ParsedLabel, parse_prompt
 
@@ -110,11 +110,14 @@ class Predictor:
                  labels: tuple[str, ...] = ALL_LABELS, refine: bool = True, crop_margin: float = 0.15,
                  max_tile_aspect: float = 2.0, coarse_grow: float = 0.15, text_encoder=None,
                  text_encoder_path: str | None = None, batch_fine: bool = True, encode_batch: int | None = None,
-                 precision: str = "fp32", result_cache: int = 64, anchor_check: float = ANCHOR_CHECK_IOU):
+                 precision: str = "fp32", result_cache: int = 64, anchor_check: float = ANCHOR_CHECK_IOU,
+                 negative_check: bool = True):
         """``result_cache``: final masks kept (bit-packed, per image x label x weights x box; 0 turns it off).
         ``anchor_check``: a label prompted from its film-frame prior whose adapter also places it from an anchor
         is prompted again from the anchor when its coarse mask's box overlaps the anchor-placed box by less than
         this IoU (``priors.ANCHOR_CHECK_IOU``; 0 turns the check off; see ``checked_against``).
+        ``negative_check``: a film far from every body region's training films whose inverted copy is near one is
+        read inverted (a negative PNG; ``priors.NEGATIVE_CHECK_Z``; needs an adapter with region statistics).
         ``batch_fine``: encode the fine crops of a request in batches and decode them in one pass (False:
         one crop at a time, the original loop). ``encode_batch``: crops per encoder call (default:
         ``backbones.encode_batch_size``, 16 on CUDA and 1 on the CPU).
@@ -146,6 +149,7 @@ class Predictor:
         self.label_prompt: dict[str, str] = {}  # "anchor": the coarse prompt box comes from an anchor (see anchor_for)
         self.mid_labels: tuple[str, ...] = ()  # found on the mid view, not the whole film (see mid_view)
         self.anchor_check = float(anchor_check)
+        self.negative_check = bool(negative_check)
         self.user_box_grow = 0.0  # a user box's growth before its fine pass: ADAPTER_USER_BOX_GROW with an adapter
         self.adapter_version = "none"
         self.adapter_metadata: dict = {}
@@ -162,6 +166,8 @@ class Predictor:
         self._field: Field | None = None  # where _image lies in the whole film, if cropped or turned
         self._film_shape: tuple[int, int] | None = None
         self._fields = LRU(256)  # content hash -> Field, or () for a film used whole
+        self._negative = False  # the current film is read inverted (see _settle_polarity)
+        self._negatives = LRU(256)  # (content hash, adapter generation) -> read inverted?
         self._lock = threading.RLock()
         self._pending = 0  # requests waiting for or holding the lock (_foreground): background warm-up yields to them
         self._background = None  # the Interruption of the warm-up step in progress, if any
@@ -192,8 +198,13 @@ class Predictor:
             self._fields.put(h, found)
         self._field = found or None
         self._film_shape = image.shape
-        self._image = field_radiograph(image, found) if found else image
         self._source, self._hash = image, h
+        self._read(bool(self._negatives.get((h, self._generation))))
+
+    def _read(self, negative: bool) -> None:
+        """The pipeline's image of the current film: its field (or all of it), inverted when ``negative``."""
+        image = field_radiograph(self._source, self._field) if self._field is not None else self._source
+        self._image, self._negative = (inverted_radiograph(image) if negative else image), negative
 
     @property
     def field(self) -> Field | None:
@@ -204,10 +215,11 @@ class Predictor:
     def film_notes(self) -> dict:
         """How the pipeline reads the current film, when not as given: {"field": [x0, y0, x1, y1]} (the exposed
         field, or the film's rectangle turned upright) and {"turned_degrees": d} for a film lying askew on its
-        canvas; {} for a film used as it is."""
+        canvas, {"negative": True} for a film read inverted (:meth:`_settle_polarity`); {} for a film used as it is."""
+        notes: dict = {"negative": True} if self._negative else {}
         if self._field is None:
-            return {}
-        notes: dict = {"field": [int(v) for v in self._field.box]}
+            return notes
+        notes["field"] = [int(v) for v in self._field.box]
         if self._field.rotation is not None:
             notes["turned_degrees"] = round(float(self._field.rotation[0]), 2)
         return notes
@@ -225,7 +237,32 @@ class Predictor:
                            self._field.box_to_film(r.box, self._film_shape), r.prompt_source, r.warning)
 
     def _cache_key(self, view: View) -> tuple:
-        return (self._hash, self.backbone.weights_id, self.encoder_version, self.precision, view.key())
+        return (self._hash, self._negative, self.backbone.weights_id, self.encoder_version, self.precision,
+                view.key())
+
+    def _settle_polarity(self, text_prompted: bool) -> None:
+        """Under the lock, before a request's pipeline: decide once per film and adapter whether the film is a
+        negative (``priors.NEGATIVE_CHECK_Z``), and read it inverted if so. A film near a region's training films
+        costs nothing (its whole-film embedding is the coarse pass's); one far from all of them, one encode of its
+        inverted copy (kept for the pipeline when it is read inverted). A request with user boxes only leaves the
+        question open: it does not encode the whole film."""
+        if not self.negative_check or not self.priors.film_regions:
+            return
+        key = (self._hash, self._generation)
+        negative = self._negatives.get(key)
+        if negative is None:
+            if not text_prompted:
+                return
+            self._read(False)  # (an earlier adapter may have read it inverted)
+            negative = False
+            own = self.film_distances()
+            if own and min(own.values()) > NEGATIVE_CHECK_Z:
+                self._read(True)
+                flipped = self.film_distances()
+                negative = min(flipped.values()) <= NEGATIVE_NEAR_Z
+            self._negatives.put(key, negative)
+        if negative != self._negative:
+            self._read(negative)
 
     # --- adapters ----------------------------------------------------------------------------------
     @property
@@ -469,7 +506,9 @@ class Predictor:
         """Everything a label's final mask depends on besides the label: image (``content_hash``, default the
         current one), weights, adapter (head, decoder, priors), precision, user box and the pipeline's settings.
         The text tokens come from the label's canonical phrase, so the user's wording is not part of it."""
-        return (content_hash or self._hash, self.backbone.weights_id, self._generation, self.adapter_version,
+        h = content_hash or self._hash
+        return (h, self._negatives.get((h, self._generation)), self.backbone.weights_id, self._generation,
+                self.adapter_version,
                 self.precision, label, None if box is None else tuple(float(v) for v in box), bool(refine),
                 self.crop_margin, self.grow_for(label), self.anchor_for(label), self.max_tile_aspect, self.batch_fine,
                 self.checked_against(label) and self.anchor_check, box is not None and self.user_box_grow)
@@ -516,6 +555,7 @@ class Predictor:
                         refine: bool) -> Prediction:
         t0 = time.perf_counter()
         hits0, misses0 = self.cache.hits, self.cache.misses
+        self._settle_polarity(any((boxes or {}).get(p.label) is None for p in parsed))
         keys = [self._result_key(p.label, (boxes or {}).get(p.label), refine) for p in parsed]
         results: list[LabelResult | None] = [self.results.get(k) for k in keys]
         todo = [i for i, r in enumerate(results) if r is None]
@@ -551,6 +591,7 @@ class Predictor:
             try:
                 with self._on(image, h), self._background_step():
                     if label is None:
+                        self._settle_polarity(True)
                         self.embedding(self.coarse_view())
                     elif self._result_key(label, None, self.refine) not in self.results:
                         self._predict_locked(_as_parsed([label], self.labels), None, self.refine)
@@ -580,12 +621,12 @@ class Predictor:
     def _on(self, image: Radiograph, content_hash: str):
         """Holding the lock, work on ``image`` and then put the current image back."""
         with self._lock:
-            saved = (self._image, self._source, self._hash, self._field, self._film_shape)
+            saved = (self._image, self._source, self._hash, self._field, self._film_shape, self._negative)
             self._focus(image, content_hash)
             try:
                 yield
             finally:
-                self._image, self._source, self._hash, self._field, self._film_shape = saved
+                self._image, self._source, self._hash, self._field, self._film_shape, self._negative = saved
 
     def unsegmented(self, image: Radiograph, labels: list[str] | tuple[str, ...]) -> list[str]:
         """The labels among ``labels`` whose text-prompt mask on ``image`` (no user box, current weights and

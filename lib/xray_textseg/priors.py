@@ -77,6 +77,18 @@ SHAPE_MIN_MASKS = 5  # fewer training masks of a label: no shape check for it
 FILM_REGION_RATIO = 2.0
 FILM_REGION_MIN_FILMS = 5
 FILM_REGION_MAX_FILMS = 12  # per region, the trainer's cost: one whole-film encode each (~1.3 s on 2 CPU cores)
+# A film far from every region's training films (RMS z over NEGATIVE_CHECK_Z) may be a negative: a PNG exported from
+# a MONOCHROME1 DICOM without the inversion, white lungs on a dark body. DICOM says so and is inverted on reading; a
+# PNG cannot. Such a film's inverted copy is encoded too, and the film is read inverted when that copy is near a
+# region's training films (z at most NEGATIVE_NEAR_Z), as the films of the training distribution are. Measured with
+# the starter adapter (docs/results.md, 2026-12-04; chosen on these films): the 20 unseen split-0 films at z 0.7-1.7;
+# their negatives: chest 3.5-4.6 (inverted copies 0.8-1.7: all read inverted), long-leg 2.2-2.7 (under the gate:
+# not found); films changed otherwise (borders, noise, blur, a narrow window) up to 3.5, their inverted copies 2.2 or
+# farther. A real CR chest film of another source sits at 2.1, a CR film of another body part at 5.3 with its
+# inverted copy at 4.6, the synthetic sample films at 2.9-4.1 with theirs at 2.9-4.3: none is read inverted, but the
+# ones over the gate pay one more encode on their first prompt.
+NEGATIVE_CHECK_Z = 3.0
+NEGATIVE_NEAR_Z = 2.0
 
 
 def _union_box(boxes) -> np.ndarray:

@@ -37,6 +37,7 @@ class AppOptions:
     cache_size: int = 32  # image embeddings kept in memory (about 4 MB each)
     prefetch: bool = True  # warm the image active learning proposes (film + the labels of the last prompt)
     look_ahead: bool = True  # after a prompt, segment the film's other labels of that region in the background
+    negative_check: bool = True  # read a film inverted when it looks like a negative (needs an adapter's film check)
     adapter_dir: str = ""  # adapter store; empty = <app>/model/adapters
     starter_adapter: bool = True  # an empty adapter store starts from the packaged starter adapter (else zero-shot)
     auto_train_after: int = 5  # retrain after this many newly saved final labels; 0 disables
