@@ -1,6 +1,7 @@
 """How the text path holds up when a film differs from the training films in ways real films do: exposure
 (gamma), noise, blur, a narrow window with a bright burned-in marker, borders (black padding or bright
-collimation), a tighter field of view, rotation, another aspect ratio, another resolution, an inverted
+collimation), a tighter field of view, rotation (of the film on a larger canvas, or of the patient on the
+detector), another aspect ratio, another resolution, an inverted
 (negative) export. Every perturbation is made here from a labelled film and its masks (geometric ones move
 the masks with the film), so each row is compared with the unperturbed row of the same films.
 
@@ -49,9 +50,17 @@ def _pad(img, masks, top, bottom, left, right, value):
 
 
 def _rotate(img, masks, degrees):
-    # the patient turned on a larger detector: the frame grows so nothing leaves it, the new corners are black
+    # the film turned on a larger canvas (scanned or exported askew): the frame grows, the new corners are black
     out = ndimage.rotate(img, degrees, reshape=True, order=1, mode="constant", cval=0.0)
     return np.clip(out, 0, 255), {k: ndimage.rotate(m.astype(np.float32), degrees, reshape=True, order=1) > 0.5
+                                  for k, m in masks.items()}
+
+
+def _tilt(img, masks, degrees):
+    # the patient turned on an upright detector: the frame stays, anatomy turns within it (edges repeated into
+    # the corners, what leaves the frame is lost, masks with it)
+    out = ndimage.rotate(img, degrees, reshape=False, order=1, mode="nearest")
+    return np.clip(out, 0, 255), {k: ndimage.rotate(m.astype(np.float32), degrees, reshape=False, order=1) > 0.5
                                   for k, m in masks.items()}
 
 
@@ -88,6 +97,9 @@ def perturbations() -> dict:
     def rotate(deg):
         return lambda img, m: _rotate(img, m, deg)
 
+    def tilt(deg):
+        return lambda img, m: _tilt(img, m, deg)
+
     def narrower(img, m, keep=0.82):
         # a portrait film: the same anatomy, less width around it (centred crop of the columns)
         w = img.shape[1]
@@ -111,6 +123,7 @@ def perturbations() -> dict:
     return {"none": lambda img, m: (img, m), "gamma-0.6": gamma(0.6), "gamma-1.6": gamma(1.6), "noise": noise,
             "blur": blur, "narrow-window+marker": marker, "border-black": border(0.0),
             "border-white": border(255.0), "crop-6%": crop, "rotate+7": rotate(7.0), "rotate-7": rotate(-7.0),
+            "tilted+5": tilt(5.0), "tilted-5": tilt(-5.0),
             "narrower-82%": narrower, "wider-black": wider, "scale-0.5": scale(0.5), "scale-2": scale(2.0),
             "inverted": invert}
 
