@@ -921,3 +921,25 @@ def test_a_training_film_lying_askew_is_trained_upright():
     for lab, m in masks.items():
         assert upright.masks[lab].shape == upright.image.shape
         assert dice(upright.masks[lab], m[dy:dy + h, dx:dx + w]) > 0.95, lab
+
+
+def test_the_femurs_training_angle_says_when_a_leg_leans():
+    """``PriorBoxes.lean``: the turn that brings a femur mask to its training femurs' mean angle, only past 2 sd."""
+    from xray_textseg.priors import PriorBoxes, principal_axis
+
+    def bar(degrees, shape=(400, 100)):
+        ys, xs = np.mgrid[0:shape[0], 0:shape[1]]
+        t = np.tan(np.radians(degrees))
+        return (np.abs(xs - (50 + t * (ys - 200))) < 5) & (ys > 40) & (ys < 360)
+
+    assert abs(principal_axis(bar(8.0))[0] - 8.0) < 0.3 and principal_axis(bar(8.0))[1] > 5
+    priors = PriorBoxes()
+    priors.fit_shape("femur", [bar(a) for a in (2.0, 3.0, 4.0, 3.5, 2.5)])
+    mean, sd = priors.shape["femur"]["angle"]
+    assert abs(mean - 3.0) < 0.2 and 0.4 < sd < 1.0
+    assert priors.lean(bar(4.5)) is None  # within 2 sd (at least 1 degree): as the training femurs lean
+    assert abs(priors.lean(bar(12.0)) - (mean - 12.0)) < 0.3
+    assert abs(priors.lean(bar(-5.0)) - (mean + 5.0)) < 0.3
+    assert priors.lean(np.zeros((400, 100), bool)) is None
+    assert PriorBoxes.from_json(priors.to_json()).shape["femur"]["angle"] == priors.shape["femur"]["angle"]
+    assert PriorBoxes().lean(bar(12.0)) is None  # an adapter fitted before the angle was kept

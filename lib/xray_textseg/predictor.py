@@ -168,6 +168,7 @@ class Predictor:
         self._fields = LRU(256)  # content hash -> Field, or () for a film used whole
         self._negative = False  # the current film is read inverted (see _settle_polarity)
         self._negatives = LRU(256)  # (content hash, adapter generation) -> read inverted?
+        self._leans = LRU(256)  # (content hash, adapter generation) -> Field turned to the femur's mean angle, or ()
         self._lock = threading.RLock()
         self._pending = 0  # requests waiting for or holding the lock (_foreground): background warm-up yields to them
         self._background = None  # the Interruption of the warm-up step in progress, if any
@@ -196,7 +197,7 @@ class Predictor:
         if found is None:
             found = film_field(image.pixels) or ()
             self._fields.put(h, found)
-        self._field = found or None
+        self._field = found or self._leans.get((h, self._generation)) or None
         self._film_shape = image.shape
         self._source, self._hash = image, h
         self._read(bool(self._negatives.get((h, self._generation))))
@@ -214,14 +215,18 @@ class Predictor:
 
     def film_notes(self) -> dict:
         """How the pipeline reads the current film, when not as given: {"field": [x0, y0, x1, y1]} (the exposed
-        field, or the film's rectangle turned upright) and {"turned_degrees": d} for a film lying askew on its
-        canvas, {"negative": True} for a film read inverted (:meth:`_settle_polarity`); {} for a film used as it is."""
+        field, or the film's rectangle turned upright) and {"turned_degrees": d, "turned_for": why} for a film lying
+        askew on its canvas or a leg turned on the detector (:meth:`_settle_lean`), {"negative": True} for a film
+        read inverted (:meth:`_settle_polarity`); {} for a film used as it is."""
         notes: dict = {"negative": True} if self._negative else {}
         if self._field is None:
             return notes
         notes["field"] = [int(v) for v in self._field.box]
         if self._field.rotation is not None:
             notes["turned_degrees"] = round(float(self._field.rotation[0]), 2)
+            lean = self._leans.get((self._hash, self._generation))
+            on_canvas = not (lean and lean == self._field)
+            notes["turned_for"] = "the film's turn on its canvas" if on_canvas else "the femur's lean"
         return notes
 
     def _boxes_to_field(self, boxes: dict[str, list[float]] | None) -> dict[str, list[float]] | None:
@@ -237,8 +242,37 @@ class Predictor:
                            self._field.box_to_film(r.box, self._film_shape), r.prompt_source, r.warning)
 
     def _cache_key(self, view: View) -> tuple:
-        return (self._hash, self._negative, self.backbone.weights_id, self.encoder_version, self.precision,
+        turned = None if self._field is None else self._field.rotation
+        return (self._hash, self._negative, turned, self.backbone.weights_id, self.encoder_version, self.precision,
                 view.key())
+
+    def _settle_lean(self, parsed: list[ParsedLabel], text_prompted: bool) -> None:
+        """Under the lock, after :meth:`_settle_polarity`: once per film and adapter, when a lower-limb label is asked
+        by text on a film read as it is (no field), decide whether the patient was turned on the detector: the femur's
+        coarse mask leans unlike the training femurs (``PriorBoxes.lean``). Then the film is read turned about its
+        centre to their mean angle (``transforms.Field``, the film's own size), as a film turned on its canvas is. Costs
+        one decoder call on the film's embedding; a turned film is encoded again, turned."""
+        from .priors import LEAN_LABEL
+        from .vocabulary import BODY_REGIONS
+
+        region = next((r for r, members in BODY_REGIONS.items() if LEAN_LABEL in members), None)
+        if (not text_prompted or self.priors.shape.get(LEAN_LABEL, {}).get("angle") is None
+                or LEAN_LABEL not in self.labels or not any(p.label in BODY_REGIONS.get(region, ()) for p in parsed)):
+            return
+        key = (self._hash, self._generation)
+        if self._leans.get(key) is not None or self._fields.get(self._hash):
+            return
+        view = self.coarse_view()
+        parsed_anchor = _as_parsed([LEAN_LABEL], self.labels)
+        logits, _, _ = self._decode_boxes(view, self.priors.box(LEAN_LABEL, self._image.shape)[None],
+                                          self._text_tokens(parsed_anchor))
+        turn = self.priors.lean(largest_component(view.logits_to_image(logits).numpy()[0] > 0))
+        h, w = self._image.shape
+        found = Field((0, 0, w, h), (float(turn), w / 2.0, h / 2.0)) if turn is not None else ()
+        self._leans.put(key, found)
+        if found:
+            self._field = found
+            self._read(self._negative)
 
     def _settle_polarity(self, text_prompted: bool) -> None:
         """Under the lock, before a request's pipeline: decide once per film and adapter whether the film is a
@@ -507,7 +541,9 @@ class Predictor:
         current one), weights, adapter (head, decoder, priors), precision, user box and the pipeline's settings.
         The text tokens come from the label's canonical phrase, so the user's wording is not part of it."""
         h = content_hash or self._hash
-        return (h, self._negatives.get((h, self._generation)), self.backbone.weights_id, self._generation,
+        lean = self._leans.get((h, self._generation))
+        return (h, self._negatives.get((h, self._generation)), lean.rotation if lean else lean,
+                self.backbone.weights_id, self._generation,
                 self.adapter_version,
                 self.precision, label, None if box is None else tuple(float(v) for v in box), bool(refine),
                 self.crop_margin, self.grow_for(label), self.anchor_for(label), self.max_tile_aspect, self.batch_fine,
@@ -555,7 +591,9 @@ class Predictor:
                         refine: bool) -> Prediction:
         t0 = time.perf_counter()
         hits0, misses0 = self.cache.hits, self.cache.misses
-        self._settle_polarity(any((boxes or {}).get(p.label) is None for p in parsed))
+        text_prompted = any((boxes or {}).get(p.label) is None for p in parsed)
+        self._settle_polarity(text_prompted)
+        self._settle_lean(parsed, text_prompted)
         keys = [self._result_key(p.label, (boxes or {}).get(p.label), refine) for p in parsed]
         results: list[LabelResult | None] = [self.results.get(k) for k in keys]
         todo = [i for i, r in enumerate(results) if r is None]
@@ -592,6 +630,7 @@ class Predictor:
                 with self._on(image, h), self._background_step():
                     if label is None:
                         self._settle_polarity(True)
+                        self._settle_lean(_as_parsed(steps[1:], self.labels) if len(steps) > 1 else [], True)
                         self.embedding(self.coarse_view())
                     elif self._result_key(label, None, self.refine) not in self.results:
                         self._predict_locked(_as_parsed([label], self.labels), None, self.refine)

@@ -67,6 +67,14 @@ THICKNESS_CHECKED = ("left_clavicle", "right_clavicle")
 SHAPE_SIGMAS = 5.0
 SHAPE_MIN_SD = 0.1
 SHAPE_MIN_MASKS = 5  # fewer training masks of a label: no shape check for it
+# A long-leg film whose femur leans (coarse mask's principal axis) more than LEAN_SIGMAS sd (at least LEAN_MIN_SD
+# degrees) from its training femurs' mean angle is segmented turned about its centre to that angle: the patient was
+# turned on the detector. The tibia's prompt is placed from the femur's box as if the leg were upright, so on a leg
+# tilted by 5 degrees it fell on the fibula (tibia 0.60; docs/results.md, 2026-12-04). Needs the angle in the
+# adapter's shape statistics (fitted since 2026-12-04; the starter's refitted).
+LEAN_LABEL = "femur"
+LEAN_SIGMAS = 2.0
+LEAN_MIN_SD = 1.0
 # Every answer also says when the whole film looks like a film of another body region than the asked label's (a lung
 # asked on a long-leg film): the film's whole-film embedding, averaged over its 64 x 64 grid (256 numbers), is nearer
 # another region's training films than the label's region's, by more than FILM_REGION_RATIO (RMS of per-feature z, the
@@ -118,6 +126,26 @@ def mask_shape(mask: np.ndarray) -> dict[str, float] | None:
     if box is None or thickness <= 0:
         return None
     return {"thickness": thickness, "aspect": (box[3] - box[1]) / (box[2] - box[0])}
+
+
+def principal_axis(mask: np.ndarray) -> tuple[float, float]:
+    """(angle, elongation) of a mask's principal axis: degrees from the image's vertical in (-90, 90], positive when
+    x grows with y (pixel coordinates); the elongation is the sd along the axis over the sd across it. (0, 1) for
+    fewer than 10 pixels."""
+    ys, xs = np.nonzero(mask)
+    if len(xs) < 10:
+        return 0.0, 1.0
+    pts = np.stack([xs, ys], 1).astype(np.float64)
+    pts -= pts.mean(0)
+    values, vectors = np.linalg.eigh(pts.T @ pts)
+    vx, vy = vectors[:, -1]
+    return _axial(float(np.degrees(np.arctan2(vx, vy)))), float(np.sqrt(values[1] / max(values[0], 1e-9)))
+
+
+def _axial(degrees: float) -> float:
+    """An axis's angle (the same axis every 180 degrees) in (-90, 90]."""
+    a = (degrees + 90.0) % 180.0 - 90.0
+    return 90.0 if a == -90.0 else a
 
 
 def box_iou(a, b) -> float:
@@ -218,8 +246,27 @@ class PriorBoxes:
             for key in ("thickness", "aspect"):
                 logs = np.log([s[key] for s in shapes])
                 stats[key] = (float(logs.mean()), float(logs.std()))
+            # an axis's angle repeats every 180 degrees: the mean of the doubled angles, halved
+            angles = [principal_axis(np.asarray(m) > 0)[0] for m in masks if (np.asarray(m) > 0).sum() >= 10]
+            doubled = np.radians(2.0 * np.asarray(angles))
+            mean = _axial(float(np.degrees(np.arctan2(np.sin(doubled).mean(), np.cos(doubled).mean())) / 2.0))
+            stats["angle"] = (mean, float(np.sqrt(np.mean([_axial(a - mean) ** 2 for a in angles]))))
             self.shape[label] = stats
         return len(shapes)
+
+    def lean(self, mask: np.ndarray) -> float | None:
+        """The turn in degrees (``transforms.turn_points``) that brings a ``LEAN_LABEL`` coarse mask to its training
+        masks' mean angle, when it leans more than ``LEAN_SIGMAS`` sd from it and is elongated enough (3:1) for its
+        axis to mean something; else None (also without the angle statistics)."""
+        stats = self.shape.get(LEAN_LABEL)
+        if not stats or "angle" not in stats:
+            return None
+        angle, elongation = principal_axis(mask)
+        if elongation < 3.0:
+            return None
+        mean, sd = stats["angle"]
+        turn = _axial(mean - angle)
+        return turn if abs(turn) > LEAN_SIGMAS * max(sd, LEAN_MIN_SD) else None
 
     def unlike(self, label: str, mask: np.ndarray, sigmas: float = SHAPE_SIGMAS) -> str | None:
         """Why ``mask`` is unlike every training mask of ``label`` (see ``SHAPE_SIGMAS``), or None (also when no
@@ -361,7 +408,8 @@ class PriorBoxes:
         priors.kind.update(data.get("kind", {}))
         priors.thickness.update({k: float(v) for k, v in data.get("thickness", {}).items()})
         for k, v in data.get("shape", {}).items():
-            priors.shape[k] = {"n": int(v["n"]), **{f: tuple(float(x) for x in v[f]) for f in ("thickness", "aspect")}}
+            priors.shape[k] = {"n": int(v["n"]), **{f: tuple(float(x) for x in v[f])
+                                                   for f in ("thickness", "aspect", "angle") if f in v}}
         for k, v in data.get("film_regions", {}).items():
             priors.film_regions[k] = {"labels": [str(x) for x in v["labels"]], "n": int(v["n"]),
                                       "mean": [float(x) for x in v["mean"]]}
