@@ -249,7 +249,8 @@ class Predictor:
     def _settle_lean(self, parsed: list[ParsedLabel], text_prompted: bool) -> None:
         """Under the lock, after :meth:`_settle_polarity`: once per film and adapter, when a lower-limb label is asked
         by text on a film read as it is (no field), decide whether the patient was turned on the detector: the femur's
-        coarse mask leans unlike the training femurs (``PriorBoxes.lean``). Then the film is read turned about its
+        coarse mask leans unlike the training femurs (``PriorBoxes.lean``), on a film that looks like a leg film, with
+        a mask shaped like a femur. Then the film is read turned about its
         centre to their mean angle (``transforms.Field``, the film's own size), as a film turned on its canvas is. Costs
         one decoder call on the film's embedding; a turned film is encoded again, turned."""
         from .priors import LEAN_LABEL
@@ -266,7 +267,12 @@ class Predictor:
         parsed_anchor = _as_parsed([LEAN_LABEL], self.labels)
         logits, _, _ = self._decode_boxes(view, self.priors.box(LEAN_LABEL, self._image.shape)[None],
                                           self._text_tokens(parsed_anchor))
-        turn = self.priors.lean(largest_component(view.logits_to_image(logits).numpy()[0] > 0))
+        femur = largest_component(view.logits_to_image(logits).numpy()[0] > 0)
+        distances = self.film_distances()
+        # a chest film asked for a femur too is not a leg to turn: the film must look like a leg film (when the
+        # adapter keeps the regions) and the femur's mask like a femur (the answer's shape check)
+        leg_film = not distances or min(distances, key=distances.get) == region
+        turn = self.priors.lean(femur) if leg_film and self.priors.check(LEAN_LABEL, femur) is None else None
         h, w = self._image.shape
         found = Field((0, 0, w, h), (float(turn), w / 2.0, h / 2.0)) if turn is not None else ()
         self._leans.put(key, found)
