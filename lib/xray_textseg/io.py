@@ -20,6 +20,7 @@ Any other affine is brought to that display with :func:`_to_display`, and back w
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import gzip
 import hashlib
@@ -139,15 +140,13 @@ def radiograph_from_array(array: np.ndarray) -> Radiograph:
 def field_radiograph(image: Radiograph, field) -> Radiograph:
     """The film as the pipeline sees it on ``field`` (``transforms.Field``: its exposed field, or turned upright),
     as a radiograph of its own (same source, spacing and photometry; no NIfTI affine, as :func:`crop_radiograph`)."""
-    return Radiograph(field.pixels(image.pixels), image.path, image.source_format, image.source_shape,
-                      image.pixel_spacing, image.photometric, image.bits, None)
+    return dataclasses.replace(image, pixels=field.pixels(image.pixels), nifti_affine=None)
 
 
 def inverted_radiograph(image: Radiograph) -> Radiograph:
     """The film with its grey scale inverted (highest and lowest values swapped): a negative read as a positive."""
     pixels = image.pixels
-    return Radiograph(float(pixels.max()) + float(pixels.min()) - pixels, image.path, image.source_format,
-                      image.source_shape, image.pixel_spacing, image.photometric, image.bits, image.nifti_affine)
+    return dataclasses.replace(image, pixels=float(pixels.max()) + float(pixels.min()) - pixels)
 
 
 def crop_radiograph(image: Radiograph, box: tuple[int, int, int, int]) -> Radiograph:

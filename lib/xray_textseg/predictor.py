@@ -71,8 +71,7 @@ class Prediction:
     image_shape: tuple[int, int]
     timings_ms: dict[str, float] = field(default_factory=dict)
     cache: dict[str, int] = field(default_factory=dict)
-    # how the film was read, when not as given (``Predictor.film_notes``): {"field": [x0, y0, x1, y1] in the film
-    # (or in the film turned upright), "turned_degrees": the film's turn on its canvas}
+    # how the film was read, when not as given (``Predictor.film_notes``): field, turned_degrees, turned_for, negative
     film: dict = field(default_factory=dict)
 
     @property

@@ -108,14 +108,24 @@ def _union_box(boxes) -> np.ndarray:
 def mask_thickness(mask: np.ndarray) -> float:
     """A mask's mean width across its principal axis (area / extent along that axis) as a fraction of the film's
     geometric-mean side; 0 for fewer than 10 pixels. A clavicle is about 0.03-0.05 of a chest film."""
+    axes = _principal_axes(mask)
+    if axes is None:
+        return 0.0
+    pts, _, axis = axes
+    proj = pts @ axis
+    return float(len(pts) / (proj.max() - proj.min() + 1) / np.sqrt(mask.shape[0] * mask.shape[1]))
+
+
+def _principal_axes(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """(centred pixel coordinates (N, 2) as (x, y), eigenvalues, principal axis) from the 2 x 2 scatter matrix;
+    None for fewer than 10 pixels."""
     ys, xs = np.nonzero(mask)
     if len(xs) < 10:
-        return 0.0
+        return None
     pts = np.stack([xs, ys], 1).astype(np.float64)
     pts -= pts.mean(0)
-    axis = np.linalg.eigh(pts.T @ pts)[1][:, -1]  # the principal axis, from the 2 x 2 scatter matrix
-    proj = pts @ axis
-    return float(len(xs) / (proj.max() - proj.min() + 1) / np.sqrt(mask.shape[0] * mask.shape[1]))
+    values, vectors = np.linalg.eigh(pts.T @ pts)
+    return pts, values, vectors[:, -1]
 
 
 def mask_shape(mask: np.ndarray) -> dict[str, float] | None:
@@ -132,13 +142,10 @@ def principal_axis(mask: np.ndarray) -> tuple[float, float]:
     """(angle, elongation) of a mask's principal axis: degrees from the image's vertical in (-90, 90], positive when
     x grows with y (pixel coordinates); the elongation is the sd along the axis over the sd across it. (0, 1) for
     fewer than 10 pixels."""
-    ys, xs = np.nonzero(mask)
-    if len(xs) < 10:
+    axes = _principal_axes(mask)
+    if axes is None:
         return 0.0, 1.0
-    pts = np.stack([xs, ys], 1).astype(np.float64)
-    pts -= pts.mean(0)
-    values, vectors = np.linalg.eigh(pts.T @ pts)
-    vx, vy = vectors[:, -1]
+    _, values, (vx, vy) = axes
     return _axial(float(np.degrees(np.arctan2(vx, vy)))), float(np.sqrt(values[1] / max(values[0], 1e-9)))
 
 
@@ -240,14 +247,15 @@ class PriorBoxes:
     def fit_shape(self, label: str, masks: Iterable[np.ndarray], min_count: int = SHAPE_MIN_MASKS) -> int:
         """Keep the log-scale mean and standard deviation of the training masks' :func:`mask_shape` features, for
         :meth:`unlike`. Returns the number of masks used (none kept below ``min_count``)."""
-        shapes = [s for s in (mask_shape(np.asarray(m) > 0) for m in masks) if s]
+        masks = [np.asarray(m) > 0 for m in masks]  # read twice below: an iterator would be empty the second time
+        shapes = [s for s in (mask_shape(m) for m in masks) if s]
         if len(shapes) >= min_count:
             stats: dict = {"n": len(shapes)}
             for key in ("thickness", "aspect"):
                 logs = np.log([s[key] for s in shapes])
                 stats[key] = (float(logs.mean()), float(logs.std()))
             # an axis's angle repeats every 180 degrees: the mean of the doubled angles, halved
-            angles = [principal_axis(np.asarray(m) > 0)[0] for m in masks if (np.asarray(m) > 0).sum() >= 10]
+            angles = [principal_axis(m)[0] for m in masks if m.sum() >= 10]
             doubled = np.radians(2.0 * np.asarray(angles))
             mean = _axial(float(np.degrees(np.arctan2(np.sin(doubled).mean(), np.cos(doubled).mean())) / 2.0))
             stats["angle"] = (mean, float(np.sqrt(np.mean([_axial(a - mean) ** 2 for a in angles]))))
