@@ -726,6 +726,43 @@ def test_error_weighted_fine_sampling_gives_labels_still_learning_more_crops_at_
         Trainer(setup["backbone"], setup["encoder"], LABELS, TrainConfig(mode="lora", fine_sampling="hard"))
 
 
+def test_degraded_training_films_are_blurred_or_noised_in_film_space_and_keep_the_rest_as_it_was(setup):
+    """``TrainConfig.degrade``: blur and noise are drawn in film space, inside the example's view only, from
+    generators of their own: boxes and targets are those of an undegraded run with the same seed, a film's coarse
+    examples keep one shared input, the films themselves are untouched."""
+    from xray_textseg.train import degrade_film
+
+    film = np.random.default_rng(0).uniform(0, 255, (300, 200)).astype(np.float32)
+    box = (40, 50, 120, 200)
+    out = degrade_film(film, box, np.random.default_rng(3), 1.0)
+    changed = np.abs(out - film) > 1e-4
+    ys, xs = np.nonzero(changed)
+    assert changed.mean() > 0.1 and not changed[:40].any() and not changed[:, 130:].any()  # region + blur margin
+    assert ys.min() >= 50 - 4 and xs.max() < 120 + 4
+    assert out[50:200, 40:120].std() < film[50:200, 40:120].std()  # blurred (noise alone would raise it)
+    assert degrade_film(film, box, np.random.default_rng(3), 0.0) is film
+
+    items = setup["items"][:2]
+    before = [it.image.pixels.copy() for it in items]
+    priors = fit_priors(items, LABELS)
+
+    def examples(p):
+        trainer = Trainer(setup["backbone"], setup["encoder"], LABELS,
+                          TrainConfig(mode="lora", device="cpu", amp=False, degrade=p))
+        return trainer._examples(items, priors, np.random.default_rng(0), train=True)
+
+    plain, worn = examples(0.0), examples(1.0)
+    assert [(e.label, e.kind, e.item) for e in plain] == [(e.label, e.kind, e.item) for e in worn]
+    for a, b in zip(plain, worn):
+        assert np.allclose(a.box, b.box) and torch.equal(a.target, b.target)
+        assert not torch.equal(a.x, b.x)
+    for film_no in range(len(items)):
+        coarse = [e.x for e in worn if e.kind == "coarse" and e.item == film_no]
+        assert len(coarse) == len(LABELS) and all(torch.equal(coarse[0], x) for x in coarse[1:])
+    assert all(np.array_equal(it.image.pixels, px) for it, px in zip(items, before))
+    assert all(torch.equal(a.x, b.x) for a, b in zip(examples(1.0), worn))  # the seed decides it
+
+
 def test_the_seed_alone_decides_a_training_run(setup):
     """Deterministic seeds: two LoRA runs with the same seed, the process's random stream drawn from in between
     (the new head's and LoRA's weights once followed it), give the same losses and weights; the caller's random

@@ -16,6 +16,7 @@ import argparse
 import json
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 EXIT_USAGE = 2
@@ -181,6 +182,10 @@ def cmd_train(args) -> int:
                       val_fraction=args.val_fraction, time_budget_s=args.time_budget * 60 if args.time_budget else None,
                       batch_size=args.batch_size, coarse_prior=args.coarse_prior, mid_view=args.mid_view,
                       fine_sampling=args.fine_sampling, init_from=args.init_from)
+    if args.degrade is not None:
+        if not 0 <= args.degrade <= 1:
+            raise ValueError(f"--degrade must be a probability in [0, 1], got {args.degrade}")
+        cfg = replace(cfg, degrade=args.degrade)
     backbone = build_backbone(args.backbone, args.checkpoint, device=resolve_device(args.device))
     enable_default_onnxruntime(backbone)  # the cached-mode training encodes use it too
     encoder = TextEncoder(args.text_encoder, device=backbone.device)
@@ -260,6 +265,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fine-sampling", default="uniform", choices=["uniform", "error"],
                    help="lora mode: fine crops per label and epoch, one each (uniform) or shared out by the last "
                         "validation error, so labels still learning get more (error)")
+    p.add_argument("--degrade", type=float, default=None, metavar="P",
+                   help="probability per training example of film-space blur and, independently, of noise "
+                        "(default: the trainer's, TrainConfig.degrade)")
     p.add_argument("--init-from", default=None, metavar="ADAPTER", type=_adapter_path,
                    help="continue from this adapter's weights (head, decoder, encoder LoRA; 'starter': the packaged "
                         "one) instead of the base model; its training and validation films keep their sides of the "

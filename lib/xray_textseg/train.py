@@ -137,6 +137,12 @@ class TrainConfig:
     # 0.631 for k=30 from the base weights (two splits, docs/results.md 2026-11-29, sixth session).
     init_from: str | None = None
     augment: bool = True
+    # film-space degradation of training inputs (:func:`degrade_film`): the probability, per example and each
+    # independently, that the film is blurred (Gaussian, sigma U(0.5, 0.3 % of its longer side) film pixels) or
+    # given noise (sigma U(0.5 %, 5 %) of its grey range) before it is cut and resized, as a softer detector or a
+    # lower dose would give it. In film space, not model space: a long bone's fine crop is stretched several-fold
+    # across, so film blur widens its edges there far more than along it. 0 = off.
+    degrade: float = 0.0
 
 
 @dataclass
@@ -418,11 +424,40 @@ def _shift_box(box: np.ndarray, rng: np.random.Generator, fraction: float, shape
     return np.array([x0 + dx, y0 + dy, x1 + dx, y1 + dy], dtype=np.float32)
 
 
+def degrade_film(pixels: np.ndarray, box, rng: np.random.Generator, p: float) -> np.ndarray:
+    """``pixels`` with the region ``box`` (x0, y0, x1, y1) blurred with probability ``p`` and given Gaussian
+    noise with probability ``p`` (see ``TrainConfig.degrade``); the film itself is never changed (a copy, or
+    ``pixels`` when neither is drawn). Always draws the same four numbers from ``rng``."""
+    blur, noisy = rng.random() < p, rng.random() < p
+    sigma = float(rng.uniform(0.5, max(0.5, 0.003 * max(pixels.shape))))
+    amp = float(rng.uniform(0.005, 0.05))
+    if not (blur or noisy):
+        return pixels
+    H, W = pixels.shape
+    x0, y0, x1, y1 = (int(v) for v in box)
+    pad = int(math.ceil(4 * sigma)) if blur else 0
+    ya, yb, xa, xb = max(0, y0 - pad), min(H, y1 + pad), max(0, x0 - pad), min(W, x1 + pad)
+    sub = np.asarray(pixels[ya:yb, xa:xb], dtype=np.float32)
+    if blur:
+        from scipy import ndimage
+
+        sub = ndimage.gaussian_filter(sub, sigma)
+    if noisy:
+        lo, hi = np.percentile(sub[::4, ::4], (0.5, 99.5))
+        gen = np.random.default_rng(int(rng.integers(2**31)))
+        sub = sub + gen.standard_normal(sub.shape, dtype=np.float32) * np.float32(amp * max(hi - lo, 1e-6))
+    out = np.array(pixels, dtype=np.float32, copy=True)
+    out[ya:yb, xa:xb] = sub
+    return out
+
+
 def draw_example(item: TrainItem, label: str, kind: str, rng: np.random.Generator, priors: PriorBoxes,
                  backbone: Backbone, cfg: TrainConfig, res: int, train: bool = True,
-                 region: np.ndarray | None = None) -> Example:
+                 region: np.ndarray | None = None, degrade_rng: np.random.Generator | None = None) -> Example:
     """One example as the predictor would see it, with random jitter when ``train``. ``kind``: "coarse" (the
-    whole film, prior box), "mid" (the crop of ``region``, prior box) or "fine" (a crop around the true box)."""
+    whole film, prior box), "mid" (the crop of ``region``, prior box) or "fine" (a crop around the true box).
+    With ``degrade_rng`` (training, ``cfg.degrade`` > 0) the film is first blurred / noised (:func:`degrade_film`)
+    from that generator: a film's coarse examples pass the same seed, so they keep sharing one input."""
     from .predictor import tile_boxes
 
     shape = item.image.shape
@@ -441,7 +476,10 @@ def draw_example(item: TrainItem, label: str, kind: str, rng: np.random.Generato
         tiles = tile_boxes(box, cfg.max_tile_aspect)
         box = tiles[int(rng.integers(len(tiles)))] if train else tiles[len(tiles) // 2]
         view = View.crop(shape, box, backbone.input_size, margin=cfg.crop_margin)
-    x = view.model_input(item.image.pixels)[0]
+    pixels = item.image.pixels
+    if train and degrade_rng is not None and cfg.degrade > 0:
+        pixels = degrade_film(pixels, view.box, degrade_rng, cfg.degrade)
+    x = view.model_input(pixels)[0]
     target = view.mask_to_model(mask.astype(np.float32), res)
     return Example(label, kind, view.box_to_model(box), target, x=x)
 
@@ -575,6 +613,9 @@ class Trainer:
                         region = _jitter_box(region, np.random.default_rng([coarse_seed, 1]), -0.05, 0.05,
                                              it.image.shape)
                 draws = np.random.default_rng([coarse_seed, 3]) if fine_weights is not None else None
+                # film degradation from generators of their own (the main stream is as without it): one seed for
+                # the film's coarse / mid input, a stream for its fine crops
+                fine_degrade = np.random.default_rng([coarse_seed, 5])
                 for lab in it.labels:
                     if lab not in self.labels:
                         continue
@@ -583,8 +624,12 @@ class Trainer:
                         w = fine_weights.get(lab, 1.0)
                         n_fine = int(w) + int(draws.random() < w - int(w))
                     for kind in ("mid" if lab in mid else "coarse",) + ("fine",) * n_fine:
+                        degrade_rng = None
+                        if train and self.cfg.degrade > 0:
+                            degrade_rng = fine_degrade if kind == "fine" else \
+                                np.random.default_rng([coarse_seed, 4, int(kind == "mid")])
                         ex = draw_example(it, lab, kind, rng, priors, self.backbone, self.cfg, self.res, train=train,
-                                          region=region)
+                                          region=region, degrade_rng=degrade_rng)
                         if train and self.cfg.augment:
                             shared = {"coarse": coarse_seed, "mid": [coarse_seed, 2]}.get(kind)
                             ex = augment(ex, rng if shared is None else np.random.default_rng(shared), self.res)
