@@ -27,6 +27,8 @@ def test_defaults_and_parsing():
     assert AppOptions.from_conf({"train_warm_start": "false"}).train_warm_start is False
     assert AppOptions.from_conf({}).train_extra_rounds == 2
     assert AppOptions.from_conf({"train_extra_rounds": "0"}).train_extra_rounds == 0
+    assert AppOptions.from_conf({}).train_degrade == 0.3
+    assert AppOptions.from_conf({"train_degrade": "0"}).train_degrade == 0.0
 
 
 @pytest.mark.parametrize("conf, match", [
@@ -38,6 +40,8 @@ def test_defaults_and_parsing():
     ({"train_warm_start": "sometimes"}, "train_warm_start"),
     ({"train_extra_rounds": "-1"}, "train_extra_rounds.*0 or more"),
     ({"auto_train_after": "-5"}, "auto_train_after.*0 or more"),
+    ({"train_degrade": "often"}, "train_degrade.*number"),
+    ({"train_degrade": "1.5"}, "train_degrade.*0 to 1"),
 ])
 def test_bad_values_name_the_option(conf, match):
     with pytest.raises(ValueError, match=match):

@@ -126,10 +126,11 @@ def test_stopping_a_run_keeps_the_current_adapter(server):
     _, params = infer_dice(server, HELD_OUT[0])
     assert params["adapter"] == "v0001"
     # the next run after the kill trains, validates and decides normally; its request's training options (here the
-    # envelope prompt boxes and the mid view, off by default) reach the trainer and the adapter's metadata; it starts
-    # from the current adapter's weights
+    # envelope prompt boxes and the mid view, off by default, and another film degradation) reach the trainer and
+    # the adapter's metadata; it starts from the current adapter's weights
     r = server.client.post("/train/xray_textseg_train", json={"epochs": 2, "trigger": "after kill",
-                                                             "coarse_prior": "envelope", "mid_view": True})
+                                                             "coarse_prior": "envelope", "mid_view": True,
+                                                             "degrade": 0.5})
     assert r.status_code == 200, r.text
     deadline = time.time() + 900
     while time.time() < deadline:
@@ -150,4 +151,5 @@ def test_stopping_a_run_keeps_the_current_adapter(server):
         trained = json.loads((root / version / "metadata.json").read_text())["training"]["config"]
         kinds = json.loads((root / version / "priors.json").read_text())["kind"]
         assert trained["coarse_prior"] == prior and trained["mid_view"] is mid
+        assert (trained["degrade"] == 0.5) is (version == stats["version"])
         assert kinds == {lab: prior for lab in LABELS}

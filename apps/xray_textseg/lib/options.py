@@ -26,6 +26,17 @@ def parse_bool(raw, what: str) -> bool:
     return text in ("true", "1", "yes")
 
 
+def check_probability(value, what: str) -> float:
+    """``value`` as a float in [0, 1], else a ValueError naming ``what``."""
+    try:
+        p = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{what} {value!r}: expected a number from 0 to 1") from None
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"{what} {value!r}: expected a number from 0 to 1")
+    return p
+
+
 @dataclass(frozen=True)
 class AppOptions:
     backbone: str = "litemedsam"  # litemedsam | medsam_vit_b | sam_vit_b
@@ -51,6 +62,7 @@ class AppOptions:
     train_mid_view: bool = False  # find enveloped labels (clavicles with coarse prior auto) on a crop of their region
     train_warm_start: bool = True  # continue each retraining from the current adapter's weights (else from the base)
     train_extra_rounds: int = 2  # a run the time budget cut while improving goes on (same labels) up to this often
+    train_degrade: float = 0.3  # probability per training example of film-space blur and of noise (TrainConfig.degrade)
 
     def __post_init__(self) -> None:
         for name in CHOICES:
@@ -58,6 +70,7 @@ class AppOptions:
         for name in ("auto_train_after", "train_extra_rounds", "min_train_images", "train_time_budget_min"):
             if getattr(self, name) < 0:
                 raise ValueError(f"--conf {name} {getattr(self, name)}: expected 0 or more")
+        check_probability(self.train_degrade, "--conf train_degrade")
 
     @property
     def retrain_seconds(self) -> int:
@@ -84,6 +97,11 @@ class AppOptions:
             raw = str(conf[f.name]).strip()
             if f.type == "bool":
                 values[f.name] = parse_bool(raw, f"--conf {f.name}")
+            elif f.type == "float":
+                try:
+                    values[f.name] = float(raw)
+                except ValueError:
+                    raise ValueError(f"--conf {f.name} {raw!r}: expected a number") from None
             elif f.type == "int":
                 try:
                     values[f.name] = int(raw)

@@ -27,7 +27,7 @@ from xray_textseg.train import (TrainConfig, TrainItem, continue_problem, cut_wh
 from xray_textseg.vocabulary import UnknownLabelError, parse_label
 
 from .infers import LABEL_VALUES
-from .options import check_choice, parse_bool
+from .options import check_choice, check_probability, parse_bool
 
 logger = logging.getLogger(__name__)
 
@@ -114,7 +114,8 @@ class AdapterTrainer(TrainTask):
         o = self.app.options
         return {"epochs": o.train_epochs, "mode": o.train_mode, "time_budget_min": float(o.train_time_budget_min),
                 "cached_copies": o.train_cached_copies, "coarse_prior": o.train_coarse_prior,
-                "mid_view": o.train_mid_view, "warm_start": o.train_warm_start, "val_fraction": 0.2, "seed": 0}
+                "mid_view": o.train_mid_view, "warm_start": o.train_warm_start, "degrade": o.train_degrade,
+                "val_fraction": 0.2, "seed": 0}
 
     def stats(self) -> dict[str, Any]:
         path = self.store.root / STATS_FILE
@@ -139,6 +140,7 @@ class AdapterTrainer(TrainTask):
         check_choice(conf["coarse_prior"], "train_coarse_prior", "train config coarse_prior")
         mid_view = parse_bool(conf["mid_view"], "train config mid_view")
         warm_start = parse_bool(conf["warm_start"], "train config warm_start")
+        degrade = check_probability(conf["degrade"], "train config degrade")
         removed = self.store.cleanup_partial()
         if removed:
             logger.info("removed debris of an interrupted run: %s", removed)
@@ -152,7 +154,7 @@ class AdapterTrainer(TrainTask):
                           val_fraction=float(conf["val_fraction"]), device=self.app.options.device,
                           time_budget_s=float(conf["time_budget_min"]) * 60 or None, patience=8,
                           cached_variants=int(conf["cached_copies"]), coarse_prior=str(conf["coarse_prior"]),
-                          mid_view=mid_view)
+                          mid_view=mid_view, degrade=degrade)
         predictor = self.app.predictor
         # the current adapter's films keep their sides of the split: the candidate (continuing from it or not) is
         # never validated on a film the current one trained on, and both are compared on the same films
