@@ -548,10 +548,9 @@ class Predictor:
         h = content_hash or self._hash
         lean = self._leans.get((h, self._generation))
         return (h, self._negatives.get((h, self._generation)), lean.rotation if lean else lean,
-                self.backbone.weights_id, self._generation,
-                self.adapter_version,
-                self.precision, label, None if box is None else tuple(float(v) for v in box), bool(refine),
-                self.crop_margin, self.grow_for(label), self.anchor_for(label), self.max_tile_aspect, self.batch_fine,
+                self.backbone.weights_id, self._generation, self.adapter_version, self.precision, label,
+                None if box is None else tuple(float(v) for v in box), bool(refine), self.crop_margin,
+                self.grow_for(label), self.anchor_for(label), self.max_tile_aspect, self.batch_fine,
                 self.checked_against(label) and self.anchor_check, box is not None and self.user_box_grow)
 
     def predict(self, prompt: str | list[str], boxes: dict[str, list[float]] | None = None,

@@ -427,7 +427,8 @@ def _shift_box(box: np.ndarray, rng: np.random.Generator, fraction: float, shape
 def degrade_film(pixels: np.ndarray, box, rng: np.random.Generator, p: float) -> np.ndarray:
     """``pixels`` with the region ``box`` (x0, y0, x1, y1) blurred with probability ``p`` and given Gaussian
     noise with probability ``p`` (see ``TrainConfig.degrade``); the film itself is never changed (a copy, or
-    ``pixels`` when neither is drawn). Always draws the same four numbers from ``rng``."""
+    ``pixels`` when neither is drawn). Draws four numbers from ``rng``, and a seed for the noise when it is
+    drawn."""
     blur, noisy = rng.random() < p, rng.random() < p
     sigma = float(rng.uniform(0.5, max(0.5, 0.003 * max(pixels.shape))))
     amp = float(rng.uniform(0.005, 0.05))
