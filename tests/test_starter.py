@@ -257,3 +257,32 @@ def test_a_leg_turned_on_the_detector_is_read_turned_back(fresh_predictor):
         assert tilted.film.get("turned_for") == "the femur's lean", (item.name, tilted.film)
         truth = ndimage.rotate(item.masks["tibia"].astype(np.float32), 7.0, reshape=False, order=1) > 0.5
         assert dice(tilted.mask("tibia"), truth) > 0.8, item.name
+
+
+@pytest.mark.real_data
+def test_a_coarse_mask_that_found_a_piece_of_its_structure_gets_a_fine_crop_over_its_prompt_box(fresh_predictor):
+    """JPCNN029 (never seen by the starter) has steep clavicles: the right one's coarse mask finds a piece a seventh
+    of its prompt box's area, and a fine crop grown round that piece gave Dice 0.29. Its fine box now also holds the
+    prompt box (``SMALL_COARSE_AREA``), and the fine pass finds the whole bone (0.79)."""
+    from xray_textseg.predictor import SMALL_COARSE_AREA
+    from xray_textseg.transforms import largest_component, mask_box
+
+    item = load_folder(real_dir("jsrt_chest"), names=["JPCNN029"])[0]
+    assert "JPCNN029" not in set(load_adapter(starter_adapter()).metadata["train_names"])
+    p = fresh_predictor
+    p.load_adapter(starter_adapter())
+    truth = item.masks["right_clavicle"]
+    coarse = p.predict("right clavicle", refine=False, image=item.image).results[0]
+    found, prompt = mask_box(largest_component(coarse.mask)), coarse.box
+    area = lambda b: (b[2] - b[0]) * (b[3] - b[1])  # noqa: E731
+    assert area(found) < SMALL_COARSE_AREA * area(prompt)
+    fine = p.predict("right clavicle", image=item.image).results[0]
+    assert fine.box[0] <= prompt[0] and fine.box[1] <= prompt[1]
+    assert fine.box[2] >= prompt[2] and fine.box[3] >= prompt[3]
+    assert dice(fine.mask, truth) > 0.7
+    p.small_coarse = 0.0  # the rule off: the crop round the piece
+    p.results.clear()
+    try:
+        assert dice(p.predict("right clavicle", image=item.image).mask("right_clavicle"), truth) < 0.5
+    finally:
+        p.small_coarse = SMALL_COARSE_AREA

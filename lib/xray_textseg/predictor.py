@@ -12,7 +12,8 @@ Zero-shot path (no adapter yet), per label, coarse to fine:
 With an adapter, a label it places from an anchor (a clavicle from the lung on its side, ``priors.ANCHORS``) takes
 its coarse prompt box from the anchor's coarse mask where the adapter's validation chose that; where it chose the
 film prior, the coarse mask is checked against the anchor-placed box and prompted again from it when the two do
-not overlap (``checked_against``).
+not overlap (``checked_against``). A coarse mask whose box covers under ``SMALL_COARSE_AREA`` of its prompt box's
+area found a piece of its structure: its fine crop also holds the prompt box.
 
 A film lying askew on a larger canvas (scanned or exported turned) is segmented turned upright, and a film with wide
 flat borders on its exposed field (``transforms.film_field``); the masks come back in the whole film's pixels.
@@ -50,6 +51,14 @@ from .vocabulary import ALL_LABELS, ParsedLabel, parse_prompt
 # "A user box is grown before the adapter's fine pass"): clavicles from a tight box 0.871/0.899 -> 0.902/0.905,
 # from a box whose sides are off by up to 10 % either way 0.836/0.849 -> 0.887/0.865.
 ADAPTER_USER_BOX_GROW = 0.1
+
+# A coarse mask whose box covers less than this fraction of its prompt box's area (a film-frame prior or an
+# anchor-placed box: where the structure usually is and how large) has found only a piece of it; its fine box is the
+# union of its grown box and the prompt box, so the fine pass sees the whole structure. On the 20 unseen films of the
+# starter (70 masks) exactly one coarse mask fell under 0.5 (0.13, JPCNN029's steep right clavicle, fine Dice 0.29 ->
+# 0.79), every other at 0.5 or more; the value is a round quarter, not tuned (docs/results.md, 2026-12-04, fourth
+# session).
+SMALL_COARSE_AREA = 0.25
 
 PRECISIONS = ("fp32", "tf32", "bf16")
 
@@ -110,11 +119,14 @@ class Predictor:
                  max_tile_aspect: float = 2.0, coarse_grow: float = 0.15, text_encoder=None,
                  text_encoder_path: str | None = None, batch_fine: bool = True, encode_batch: int | None = None,
                  precision: str = "fp32", result_cache: int = 64, anchor_check: float = ANCHOR_CHECK_IOU,
-                 negative_check: bool = True):
+                 negative_check: bool = True, small_coarse: float = SMALL_COARSE_AREA):
         """``result_cache``: final masks kept (bit-packed, per image x label x weights x box; 0 turns it off).
         ``anchor_check``: a label prompted from its film-frame prior whose adapter also places it from an anchor
         is prompted again from the anchor when its coarse mask's box overlaps the anchor-placed box by less than
         this IoU (``priors.ANCHOR_CHECK_IOU``; 0 turns the check off; see ``checked_against``).
+        ``small_coarse``: with an adapter, a coarse mask whose box covers less than this fraction of its prompt
+        box's area found only a piece of the structure: its fine box also holds the prompt box
+        (``SMALL_COARSE_AREA``; 0 turns it off).
         ``negative_check``: a film far from every body region's training films whose inverted copy is near one is
         read inverted (a negative PNG; ``priors.NEGATIVE_CHECK_Z``; needs an adapter with region statistics).
         ``batch_fine``: encode the fine crops of a request in batches and decode them in one pass (False:
@@ -149,6 +161,7 @@ class Predictor:
         self.mid_labels: tuple[str, ...] = ()  # found on the mid view, not the whole film (see mid_view)
         self.anchor_check = float(anchor_check)
         self.negative_check = bool(negative_check)
+        self.small_coarse = float(small_coarse)
         self.user_box_grow = 0.0  # a user box's growth before its fine pass: ADAPTER_USER_BOX_GROW with an adapter
         self.adapter_version = "none"
         self.adapter_metadata: dict = {}
@@ -731,7 +744,10 @@ class Predictor:
                 elif b is None:  # a prior box only where the coarse pass found nothing
                     fine_boxes.append(prompt_boxes[i])
                 else:  # SAM's masks sit inside their box: grow the coarse box so the fine pass can extend it
-                    fine_boxes.append(grow_box(b, self.grow_for(parsed[i].label), shape))
+                    fb = grow_box(b, self.grow_for(parsed[i].label), shape)
+                    if self.head is not None and _area(b) < self.small_coarse * _area(prompt_boxes[i]):
+                        fb = _union(fb, prompt_boxes[i])  # a piece of it: the fine crop spans where it should be
+                    fine_boxes.append(fb)
             if self.batch_fine:
                 fine = self._fine_logits_batched(fine_boxes, tokens)
             else:
@@ -817,6 +833,16 @@ class ResultCache(LRU):
         if self.max_entries:
             super().put(key, (np.packbits(r.mask), r.mask.shape, r.label, r.score, tuple(r.box), r.prompt_source,
                               r.warning))
+
+
+def _area(box) -> float:
+    return max(float(box[2] - box[0]), 0.0) * max(float(box[3] - box[1]), 0.0)
+
+
+def _union(a, b) -> np.ndarray:
+    """The smallest box (x0, y0, x1, y1) holding boxes ``a`` and ``b``."""
+    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+    return np.concatenate([np.minimum(a[:2], b[:2]), np.maximum(a[2:], b[2:])])
 
 
 def grow_box(box, fraction: float, shape: tuple[int, int]) -> np.ndarray:
