@@ -41,7 +41,7 @@ import torch
 from .backbones import Backbone, Interrupted, encode_batch_size, interruptible
 from .cache import LRU, EmbeddingCache
 from .io import Radiograph, field_radiograph, inverted_radiograph, load_radiograph, radiograph_from_array
-from .priors import ANCHOR_CHECK_IOU, NEGATIVE_CHECK_Z, NEGATIVE_NEAR_Z, PriorBoxes, box_iou
+from .priors import ANCHOR_CHECK_IOU, NEGATIVE_CHECK_Z, NEGATIVE_NEAR_Z, PriorBoxes, box_iou, union_box
 from .transforms import Field, View, film_field, largest_component, mask_box
 from .vocabulary import ALL_LABELS, ParsedLabel, parse_prompt
 
@@ -564,7 +564,8 @@ class Predictor:
                 self.backbone.weights_id, self._generation, self.adapter_version, self.precision, label,
                 None if box is None else tuple(float(v) for v in box), bool(refine), self.crop_margin,
                 self.grow_for(label), self.anchor_for(label), self.max_tile_aspect, self.batch_fine,
-                self.checked_against(label) and self.anchor_check, box is not None and self.user_box_grow)
+                self.checked_against(label) and self.anchor_check, box is not None and self.user_box_grow,
+                self.head is not None and self.small_coarse)
 
     def predict(self, prompt: str | list[str], boxes: dict[str, list[float]] | None = None,
                 refine: bool | None = None, image: Radiograph | np.ndarray | str | None = None) -> Prediction:
@@ -746,7 +747,7 @@ class Predictor:
                 else:  # SAM's masks sit inside their box: grow the coarse box so the fine pass can extend it
                     fb = grow_box(b, self.grow_for(parsed[i].label), shape)
                     if self.head is not None and _area(b) < self.small_coarse * _area(prompt_boxes[i]):
-                        fb = _union(fb, prompt_boxes[i])  # a piece of it: the fine crop spans where it should be
+                        fb = union_box([fb, prompt_boxes[i]])  # a piece of it: the fine crop spans where it should be
                     fine_boxes.append(fb)
             if self.batch_fine:
                 fine = self._fine_logits_batched(fine_boxes, tokens)
@@ -837,12 +838,6 @@ class ResultCache(LRU):
 
 def _area(box) -> float:
     return max(float(box[2] - box[0]), 0.0) * max(float(box[3] - box[1]), 0.0)
-
-
-def _union(a, b) -> np.ndarray:
-    """The smallest box (x0, y0, x1, y1) holding boxes ``a`` and ``b``."""
-    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
-    return np.concatenate([np.minimum(a[:2], b[:2]), np.maximum(a[2:], b[2:])])
 
 
 def grow_box(box, fraction: float, shape: tuple[int, int]) -> np.ndarray:

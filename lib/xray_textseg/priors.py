@@ -99,7 +99,7 @@ NEGATIVE_CHECK_Z = 3.0
 NEGATIVE_NEAR_Z = 2.0
 
 
-def _union_box(boxes) -> np.ndarray:
+def union_box(boxes) -> np.ndarray:
     """The smallest box (x0, y0, x1, y1) holding every row of ``boxes`` (N, 4)."""
     b = np.asarray(boxes)
     return np.concatenate([b[:, :2].min(axis=0), b[:, 2:].max(axis=0)])
@@ -216,7 +216,7 @@ class PriorBoxes:
             overlap = float(np.mean([box_iou(box, x) for x in r]))
             if how == "envelope" or (how == "auto" and overlap < spread_iou):
                 how = "envelope"
-                box = _union_box(r)
+                box = union_box(r)
                 size = np.tile(box[2:] - box[:2], 2)
                 box = np.clip(box + margin * size * np.array([-1, -1, 1, 1]), 0.0, 1.0)
             else:
@@ -361,7 +361,7 @@ class PriorBoxes:
         the upper thorax, which a stretched 256 px view shows at ~3x the whole film's vertical resolution. None
         without labels."""
         boxes = [self.box(lab, image_shape) for lab in labels]
-        return _union_box(boxes).astype(np.float32) if boxes else None
+        return union_box(boxes).astype(np.float32) if boxes else None
 
     def fit_relative(self, label: str, anchor: str, pairs: Iterable[tuple[np.ndarray, np.ndarray]],
                      min_count: int = 1) -> int:
