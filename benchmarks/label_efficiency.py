@@ -87,9 +87,12 @@ def main(argv=None) -> int:
                     help="train nothing: merge these results.json files (a row of a later file replaces the row "
                          "of an earlier one with the same data, seed, k, method and label) and write the merged "
                          "results.json, results.md and plot to OUT")
+    ap.add_argument("--methods", nargs="+", default=None, metavar="METHOD",
+                    help="table and plot only these adapter methods, e.g. text+adapter text+adapter@lora (default: "
+                         "every one; results.json keeps all rows either way)")
     args = ap.parse_args(argv)
     if args.render:
-        return render(args.render, Path(args.out))
+        return render(args.render, Path(args.out), args.methods)
     if not args.data:
         ap.error("--data is required (or --render RESULTS_JSON ... to only merge and tabulate)")
 
@@ -181,7 +184,7 @@ def main(argv=None) -> int:
                         rows += evaluate_adapter(predictor, data, test, adapter, meta, train_s, seed, k, method,
                                                  default_grow=method != name)
                         save()
-    return write_outputs(rows, out)
+    return write_outputs(rows, out, args.methods)
 
 
 def evaluate_adapter(predictor: Predictor, data: Path, test: list[str], adapter: Path, meta: dict, train_s: float,
@@ -218,14 +221,20 @@ def merge_rows(files: list) -> list[dict]:
     return list(merged.values())
 
 
-def render(files: list, out: Path) -> int:
+def render(files: list, out: Path, methods: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
-    return write_outputs(merge_rows(files), out)
+    return write_outputs(merge_rows(files), out, methods)
 
 
-def write_outputs(rows: list[dict], out: Path) -> int:
-    """OUT/results.json (atomically), results.md and label_efficiency.png; prints the table."""
+def write_outputs(rows: list[dict], out: Path, methods: list[str] | None = None) -> int:
+    """OUT/results.json (atomically, every row), results.md and label_efficiency.png (the baselines and the adapter
+    ``methods``, default all); prints the table."""
     write_rows(rows, out / "results.json")
+    if methods:
+        unknown = set(methods) - {r["method"] for r in rows}
+        if unknown:
+            raise SystemExit(f"--methods: no rows for {sorted(unknown)}")
+        rows = [r for r in rows if not r["method"].startswith("text+adapter") or r["method"] in methods]
     table = markdown(rows)
     (out / "results.md").write_text(table)
     print(table)
@@ -276,34 +285,45 @@ def markdown(rows: list[dict]) -> str:
 
 
 def plot(rows: list[dict], path: Path) -> None:
+    """Test Dice against k per data set: one colour per label, one line style per adapter method (the mean of
+    the splits, with a dot per split), the oracle box dashed."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     datasets = sorted({r["data"] for r in rows})
-    fig, axes = plt.subplots(1, len(datasets), figsize=(6 * len(datasets), 4), squeeze=False)
+    methods = sorted({r["method"] for r in rows if r["method"].startswith("text+adapter")},
+                     key=lambda m: (m != "text+adapter", m))
+    styles = dict(zip(methods, ["-", "-.", ":", (0, (5, 1)), (0, (3, 1, 1, 1))]))
+    fig, axes = plt.subplots(1, len(datasets), figsize=(6 * len(datasets), 4.5), squeeze=False)
     for ax, data in zip(axes[0], datasets):
         ks = sorted({r["k"] for r in rows if r["data"] == data and r["k"]})
         for i, lab in enumerate(sorted({r["label"] for r in rows if r["data"] == data})):
-            per_k = {k: [r["dice"] for r in rows if r["data"] == data and r["label"] == lab and r["k"] == k
-                         and r["method"] == "text+adapter"] for k in ks}
-            per_k = {k: v for k, v in per_k.items() if v}
             c = plt.get_cmap("tab10")(i)
-            ax.plot(list(per_k), [np.mean(v) for v in per_k.values()], "-", color=c, label=lab)
-            for k, v in per_k.items():  # each split's value; a single dot where only one split was run
-                ax.plot([k] * len(v), v, ".", color=c, ms=5)
+            for j, method in enumerate(m for m in methods if m in styles):
+                per_k = {k: [r["dice"] for r in rows if r["data"] == data and r["label"] == lab and r["k"] == k
+                             and r["method"] == method] for k in ks}
+                per_k = {k: v for k, v in per_k.items() if v}
+                if not per_k:
+                    continue
+                ax.plot(list(per_k), [np.mean(v) for v in per_k.values()], linestyle=styles[method], color=c,
+                        label=lab if j == 0 else None)
+                for k, v in per_k.items():  # each split's value; a single dot where only one split was run
+                    ax.plot([k] * len(v), v, ".", color=c, ms=5)
             oracle = [r["dice"] for r in rows
                       if r["data"] == data and r["label"] == lab and r["method"] == "oracle-box"]
             if oracle:
                 ax.axhline(np.mean(oracle), color=c, ls="--", lw=0.8)
-        ax.set_title(f"{data}: text+adapter, mean of splits and each split\n(dashed: oracle box zero-shot)",
+        for method in (m for m in methods if m in styles):  # a grey key line per method
+            ax.plot([], [], linestyle=styles[method], color="0.4", label=method)
+        ax.set_title(f"{data}: test Dice, mean of splits and each split (dots)\n(dashed: oracle box zero-shot)",
                      fontsize=9)
         ax.set_xticks(ks)
         ax.set_xlabel("training images")
         ax.set_ylabel("test Dice")
         ax.set_ylim(0, 1)
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
 
