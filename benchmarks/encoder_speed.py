@@ -9,8 +9,9 @@ Without ``--checkpoint`` ViT-B gets random weights: its speed and memory are the
 shapes), its outputs are not (the agreement rows compare the two attentions on the same weights either way). A
 training step is what the trainer does with encoder LoRA: the encoder with peft LoRA on its attention ``qkv`` /
 ``proj`` (rank 8), the mask decoder trainable, one box prompt per image, Dice-free BCE loss, AdamW; images/s =
-batch / median step time. Every configuration runs in its own process, so its peak memory (GPU: the allocator's
-peak; CPU: peak RSS) is its own and an out-of-memory ends that row only. Inputs are random films, never zeros.
+batch / median step time. On the CPU every configuration runs in its own process, so its peak RSS is its own; on
+CUDA they run one after another in this process (no start-up per row), each with the allocator's peak reset and
+its memory freed after it, and an out-of-memory ends that row only. Inputs are random films, never zeros.
 
 Defaults: on CUDA batch sizes 1 8 16 (inference) and 4 8 16 (training), precisions bf16 and fp32 (``tf32`` is
 fp32 with TF32 matrix units); on the CPU batch 1, fp32 (and bf16 where the CPU has native bf16).
@@ -49,7 +50,23 @@ def autocast(device, precision: str):
 
 
 def run_one(cfg: dict) -> dict:
-    """One configuration in this process: {backbone, checkpoint, device, attention, precision, kind, batch}."""
+    """One configuration in this process: {backbone, checkpoint, device, attention, precision, kind, batch}; on
+    CUDA an out-of-memory gives a row with ``error``, and the memory is freed either way."""
+    import gc
+
+    import torch
+
+    try:
+        return _run_one(cfg)
+    except torch.cuda.OutOfMemoryError:
+        return {**cfg, "error": "out of memory"}
+    finally:
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+def _run_one(cfg: dict) -> dict:
     import torch
     from xray_textseg.backbones import resolve_device
 
@@ -114,6 +131,20 @@ def run_one(cfg: dict) -> dict:
     return out
 
 
+def run_isolated(cfg: dict, timeout: float) -> dict:
+    """``run_one`` in a process of its own (its peak RSS is its own)."""
+    cmd = [sys.executable, __file__, "--one", json.dumps(cfg)]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {**cfg, "error": f"over {timeout:.0f} s"}
+    found = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    if found:
+        return json.loads(found[-1][len("RESULT "):])
+    last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+    return {**cfg, "error": "out of memory" if "out of memory" in proc.stderr.lower() else last[:200]}
+
+
 def agreement(backbone: str, checkpoint: str | None, device, precisions: list[str]) -> list[dict]:
     """Relative difference ||fused - plain|| / ||plain|| of the embeddings of one random film, same weights."""
     import torch
@@ -148,7 +179,7 @@ def main(argv=None) -> int:
     ap.add_argument("--train-batch-sizes", nargs="+", type=int, default=None, help="LoRA training batch sizes "
                     "(0 or none: no training rows)")
     ap.add_argument("--cpu-repeats", type=int, default=3, help="timed repeats per row on the CPU (CUDA: 20)")
-    ap.add_argument("--timeout", type=float, default=1800, help="seconds per configuration")
+    ap.add_argument("--timeout", type=float, default=1800, help="seconds per configuration (CPU, own process)")
     ap.add_argument("--out", default=None, help="JSON results")
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: one configuration, JSON
     args = ap.parse_args(argv)
@@ -178,17 +209,7 @@ def main(argv=None) -> int:
     for cfg in configs:
         cfg = {**cfg, "backbone": args.backbone, "checkpoint": args.checkpoint, "device": str(device),
                "cpu_repeats": args.cpu_repeats}
-        cmd = [sys.executable, __file__, "--one", json.dumps(cfg)]
-        try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
-            found = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-            if found:
-                row = json.loads(found[-1][len("RESULT "):])
-            else:
-                last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-                row = {**cfg, "error": "out of memory" if "out of memory" in proc.stderr.lower() else last[:200]}
-        except subprocess.TimeoutExpired:
-            row = {**cfg, "error": f"over {args.timeout:.0f} s"}
+        row = run_one(cfg) if cuda else run_isolated(cfg, args.timeout)
         rows.append(row)
         what = (f"{row['ms_per_image']} ms/image" if "ms_per_image" in row else
                 f"{row['images_per_s']} images/s" if "images_per_s" in row else row.get("error"))
