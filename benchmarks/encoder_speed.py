@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from perf_common import machine_info, peak_rss_mb, table, write_json  # noqa: E402
+from perf_common import machine_info, peak_rss_mb, table, write_json
 
 
 def build(args_backbone: str, checkpoint: str | None, device, attention: str):
@@ -135,7 +135,7 @@ def run_isolated(cfg: dict, timeout: float) -> dict:
     """``run_one`` in a process of its own (its peak RSS is its own)."""
     cmd = [sys.executable, __file__, "--one", json.dumps(cfg)]
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
     except subprocess.TimeoutExpired:
         return {**cfg, "error": f"over {timeout:.0f} s"}
     found = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
