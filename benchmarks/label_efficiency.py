@@ -257,15 +257,23 @@ def parse_overrides(pairs: list[str]) -> dict:
     return out
 
 
+def method_label(rows: list[dict], method: str) -> str:
+    """A column's or line's name for an adapter method: its ``--tag``, else its adapters' training mode."""
+    if "@" in method:
+        return method.split("@", 1)[1]
+    modes = {r.get("mode") for r in rows if r["method"] == method} - {None}
+    return modes.pop() if len(modes) == 1 else "adapter"
+
+
 def markdown(rows: list[dict]) -> str:
     """One row per data set and label; columns: zero-shot, oracle box, then text+adapter per k (and per ``--tag``:
-    a tagged run gets its own columns, "k=30 (TAG)")."""
+    a tagged run gets its own columns, "k=30 (TAG)"; untagged ones are named by their training mode)."""
     ks = sorted({r["k"] for r in rows if r["k"]})
     methods = sorted({r["method"] for r in rows if r["method"].startswith("text+adapter")},
                      key=lambda m: (m != "text+adapter", m))
     cols = [(m, k) for m in methods for k in ks if any(r["method"] == m and r["k"] == k for r in rows)]
     lines = ["| data | label | zero-shot | oracle box | " + " | ".join(
-        f"k={k}" + (f" ({m.split('@', 1)[1]})" if "@" in m else "") for m, k in cols) + " |",
+        f"k={k} ({method_label(rows, m)})" for m, k in cols) + " |",
         "|---" * (4 + len(cols)) + "|"]
     for data in sorted({r["data"] for r in rows}):
         for lab in sorted({r["label"] for r in rows if r["data"] == data}):
@@ -316,7 +324,8 @@ def plot(rows: list[dict], path: Path) -> None:
             if oracle:
                 ax.axhline(np.mean(oracle), color=c, ls="--", lw=0.8)
         for method in (m for m in methods if m in styles):  # a grey key line per method
-            ax.plot([], [], linestyle=styles[method], color="0.4", label=method)
+            ax.plot([], [], linestyle=styles[method], color="0.4",
+                    label=f"text + adapter ({method_label(rows, method)})")
         ax.set_title(f"{data}: test Dice, mean of splits and each split (dots)\n(dashed: oracle box zero-shot)",
                      fontsize=9)
         ax.set_xticks(ks)
