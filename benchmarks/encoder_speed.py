@@ -31,12 +31,18 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from perf_common import machine_info, peak_rss_mb, table, write_json
 
+ATTENTIONS = ("plain", "fused", "fused-bias", "fused-fold")  # fused: the default (fold on CUDA, bias elsewhere)
+
 
 def build(args_backbone: str, checkpoint: str | None, device, attention: str):
+    from xray_textseg.attention import use_fused_attention
     from xray_textseg.backbones import build_backbone
 
-    return build_backbone(args_backbone, checkpoint, device=device, allow_random=checkpoint is None,
-                          fused_attention=attention == "fused")
+    bb = build_backbone(args_backbone, checkpoint, device=device, allow_random=checkpoint is None,
+                        fused_attention=attention != "plain")
+    if attention.startswith("fused-"):
+        use_fused_attention(bb.image_encoder, attention.split("-", 1)[1])
+    return bb
 
 
 def autocast(device, precision: str):
@@ -83,7 +89,7 @@ def _run_one(cfg: dict) -> dict:
         if cuda:
             torch.cuda.synchronize()
 
-    warmup, repeats = (3, 20) if cuda else (1, cfg["cpu_repeats"])
+    warmup, repeats = (3, 10) if cuda else (1, cfg["cpu_repeats"])
     times = []
     if cuda:
         torch.cuda.reset_peak_memory_stats()
@@ -146,7 +152,8 @@ def run_isolated(cfg: dict, timeout: float) -> dict:
 
 
 def agreement(backbone: str, checkpoint: str | None, device, precisions: list[str]) -> list[dict]:
-    """Relative difference ||fused - plain|| / ||plain|| of the embeddings of one random film, same weights."""
+    """Relative difference ||fused - plain|| / ||plain|| of the embeddings of one random film, same weights, for
+    each way the relative positions go in, per precision (and against plain fp32)."""
     import torch
     from xray_textseg.attention import use_fused_attention, use_plain_attention
 
@@ -159,12 +166,14 @@ def agreement(backbone: str, checkpoint: str | None, device, precisions: list[st
             use_plain_attention(bb.image_encoder)
             with autocast(device, precision):
                 plain = bb.image_encoder(x).double()
-            use_fused_attention(bb.image_encoder)
-            with autocast(device, precision):
-                fused = bb.image_encoder(x).double()
-            rows.append({"precision": precision,
-                         "fused_vs_plain": float((fused - plain).norm() / plain.norm()),
-                         "fused_vs_plain_fp32": float((fused - ref).norm() / ref.norm())})
+            for rel_pos in ("bias", "fold"):
+                use_fused_attention(bb.image_encoder, rel_pos)
+                with autocast(device, precision):
+                    fused = bb.image_encoder(x).double()
+                rows.append({"precision": precision, "rel_pos": rel_pos,
+                             "fused_vs_plain": float((fused - plain).norm() / plain.norm()),
+                             "fused_vs_plain_fp32": float((fused - ref).norm() / ref.norm())})
+                use_plain_attention(bb.image_encoder)
     return rows
 
 
@@ -173,12 +182,14 @@ def main(argv=None) -> int:
     ap.add_argument("--backbone", default="medsam_vit_b", choices=("medsam_vit_b", "sam_vit_b", "litemedsam"))
     ap.add_argument("--checkpoint", default=None, help="backbone weights (default: random ViT-B / packaged LiteMedSAM)")
     ap.add_argument("--device", default="auto")
-    ap.add_argument("--attention", nargs="+", default=["plain", "fused"], choices=("plain", "fused"))
+    ap.add_argument("--attention", nargs="+", default=["plain", "fused"], choices=ATTENTIONS,
+                    help="ViT-B: segment_anything's own, fused (relative positions folded on CUDA, a mask elsewhere), "
+                         "or fused with either way forced")
     ap.add_argument("--precisions", nargs="+", default=None, choices=("fp32", "tf32", "bf16"))
     ap.add_argument("--batch-sizes", nargs="+", type=int, default=None, help="inference batch sizes")
     ap.add_argument("--train-batch-sizes", nargs="+", type=int, default=None, help="LoRA training batch sizes "
                     "(0 or none: no training rows)")
-    ap.add_argument("--cpu-repeats", type=int, default=3, help="timed repeats per row on the CPU (CUDA: 20)")
+    ap.add_argument("--cpu-repeats", type=int, default=3, help="timed repeats per row on the CPU (CUDA: 10)")
     ap.add_argument("--timeout", type=float, default=1800, help="seconds per configuration (CPU, own process)")
     ap.add_argument("--out", default=None, help="JSON results")
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: one configuration, JSON
@@ -216,7 +227,7 @@ def main(argv=None) -> int:
         print(f"  {cfg['kind']:5} batch {cfg['batch']:>2} {cfg['attention']:5} {cfg['precision']}: {what}"
               + (f", peak {row['peak_mb']} MB" if "peak_mb" in row else ""), flush=True)
 
-    agree = agreement(args.backbone, args.checkpoint, device, precisions) if len(attentions) == 2 else []
+    agree = agreement(args.backbone, args.checkpoint, device, precisions) if len(attentions) > 1 else []
     cols = [("kind", "step"), ("batch", "batch"), ("attention", "attention"), ("precision", "precision"),
             ("ms_per_image", "ms / image"), ("images_per_s", "images / s"), ("peak_mb", "peak MB"),
             ("error", "error")]
@@ -225,7 +236,8 @@ def main(argv=None) -> int:
     if agree:
         print()
         print(table([{k: (f"{v:.1e}" if isinstance(v, float) else v) for k, v in r.items()} for r in agree],
-                    [("precision", "precision"), ("fused_vs_plain", "|fused - plain| / |plain|"),
+                    [("precision", "precision"), ("rel_pos", "relative positions"),
+                     ("fused_vs_plain", "|fused - plain| / |plain|"),
                      ("fused_vs_plain_fp32", "vs plain fp32")]))
     print(f"\npeak memory: {'GPU allocator peak' if cuda else 'process peak RSS'}; weights: {weights}")
     write_json(args.out, {"machine": machine, "backbone": args.backbone, "checkpoint": args.checkpoint,

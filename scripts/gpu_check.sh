@@ -6,7 +6,8 @@
 #     run(carry=[".gpu/b"], command="bash scripts/gpu_check.sh b", timeout_s=480)
 #
 # A: ViT-B (random weights: speed and memory only) encoder inference by batch size and encoder-LoRA training
-#    throughput with peak GPU memory, segment_anything's attention against the fused one, bf16 (encoder_speed.py).
+#    throughput with peak GPU memory, segment_anything's attention against the fused one with its relative positions
+#    as a mask and folded into queries and keys (the CUDA default), bf16 (encoder_speed.py).
 # B: a LiteMedSAM adapter for 30 films of each data set trained on the GPU, time to a validated adapter and test
 #    Dice on the 10 films it never saw (label_efficiency.py, split 0: the same films as the CPU runs); LiteMedSAM
 #    encoder speed; the engine's inference benchmark on the GPU.
@@ -54,7 +55,8 @@ a)
         "$PY" -c 'import torch, transformers, peft; print("torch", torch.__version__, torch.cuda.get_device_name(0),
 "transformers", transformers.__version__, "peft", peft.__version__)'
         step vit_b_encoder 200 "$PY" benchmarks/encoder_speed.py --backbone medsam_vit_b --device cuda \
-            --precisions bf16 --batch-sizes 1 8 16 --train-batch-sizes 4 8 --out "$OUT/encoder_vit_b.json"
+            --attention plain fused-bias fused-fold --precisions bf16 --batch-sizes 1 8 16 --train-batch-sizes 4 8 \
+            --out "$OUT/encoder_vit_b.json"
     } 2>&1 | tee "$OUT/a.log"
     ;;
 b)

@@ -1,11 +1,13 @@
 """Fused ViT attention (xray_textseg.attention) computes what segment_anything's own attention computes: outputs
 and gradients, through the encoder's LoRA too, on a small real segment_anything ViT (windowed and global blocks,
-relative positions)."""
+relative positions), with the relative positions as a mask (the CPU default) and folded into queries and keys (the
+CUDA default)."""
 
 from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
 from conftest import randomize_lora
 from segment_anything.modeling.image_encoder import Attention, ImageEncoderViT
@@ -27,11 +29,12 @@ def small_vit(seed: int = 0) -> ImageEncoderViT:
     return vit.double().eval()
 
 
-def test_fused_attention_gives_the_same_outputs_and_gradients():
+@pytest.mark.parametrize("rel_pos", ["bias", "fold"])
+def test_fused_attention_gives_the_same_outputs_and_gradients(rel_pos):
     plain = small_vit()
     fused = copy.deepcopy(plain)
-    assert use_fused_attention(fused) == 3 and use_fused_attention(fused) == 0
-    assert all(type(m) is FusedAttention for m in fused.modules() if isinstance(m, Attention))
+    assert use_fused_attention(fused, rel_pos) == 3 and use_fused_attention(fused, rel_pos) == 0
+    assert all(type(m) is FusedAttention and m.rel_pos == rel_pos for m in fused.modules() if isinstance(m, Attention))
     assert plain.state_dict().keys() == fused.state_dict().keys()
     x = torch.rand(2, 3, 128, 128, dtype=torch.float64)
     outs, grads = [], []
@@ -48,10 +51,11 @@ def test_fused_attention_gives_the_same_outputs_and_gradients():
     assert use_plain_attention(fused) == 3 and not any(type(m) is FusedAttention for m in fused.modules())
 
 
-def test_fused_attention_under_lora_trains_the_same_lora():
+@pytest.mark.parametrize("rel_pos", ["bias", "fold"])
+def test_fused_attention_under_lora_trains_the_same_lora(rel_pos):
     plain = small_vit(1)
     fused = copy.deepcopy(plain)
-    use_fused_attention(fused)
+    use_fused_attention(fused, rel_pos)
     x = torch.rand(1, 3, 128, 128, dtype=torch.float64)
     grads = []
     for vit in (plain, fused):
@@ -67,10 +71,11 @@ def test_fused_attention_under_lora_trains_the_same_lora():
         torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-6, atol=1e-9, msg=name)
 
 
-def test_fused_attention_in_bf16_autocast_stays_close():
+@pytest.mark.parametrize("rel_pos", ["bias", "fold"])
+def test_fused_attention_in_bf16_autocast_stays_close(rel_pos):
     plain = small_vit(2).float()
     fused = copy.deepcopy(plain)
-    use_fused_attention(fused)
+    use_fused_attention(fused, rel_pos)
     x = torch.rand(1, 3, 128, 128)
     with torch.no_grad():
         ref = plain(x)
@@ -84,3 +89,5 @@ def test_vit_b_is_built_with_fused_attention():
     bb = build_backbone("medsam_vit_b", None, allow_random=True)
     kinds = [type(m) for m in bb.image_encoder.modules() if isinstance(m, Attention)]
     assert kinds == [FusedAttention] * 12
+    with pytest.raises(ValueError, match="rel_pos"):
+        use_fused_attention(bb.image_encoder, "flash")
