@@ -158,7 +158,13 @@ def agreement(backbone: str, checkpoint: str | None, device, precisions: list[st
     from xray_textseg.attention import use_fused_attention, use_plain_attention
 
     bb = build(backbone, checkpoint, device, "plain")
-    x = torch.rand(1, 3, bb.input_size, bb.input_size, generator=torch.Generator().manual_seed(1)).to(device)
+    g = torch.Generator().manual_seed(1)
+    if checkpoint is None:  # random weights start with zero relative positions, which would leave them unchecked
+        with torch.no_grad():
+            for name, p in bb.image_encoder.named_parameters():
+                if "rel_pos" in name:
+                    p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    x = torch.rand(1, 3, bb.input_size, bb.input_size, generator=g).to(device)
     rows = []
     with torch.inference_mode():
         ref = bb.image_encoder(x).double()

@@ -91,3 +91,15 @@ def test_vit_b_is_built_with_fused_attention():
     assert kinds == [FusedAttention] * 12
     with pytest.raises(ValueError, match="rel_pos"):
         use_fused_attention(bb.image_encoder, "flash")
+
+
+def test_auto_keeps_the_plain_steps_for_cpu_training_and_fuses_cpu_inference():
+    plain = small_vit(4)
+    fused = copy.deepcopy(plain)
+    use_fused_attention(fused)  # auto
+    x = torch.rand(1, 3, 128, 128, dtype=torch.float64)
+    assert torch.equal(fused(x), plain(x))  # with gradients: segment_anything's own steps, to the bit
+    with torch.inference_mode():
+        ref, got = plain(x), fused(x)
+    assert not torch.equal(got, ref)  # without: the fused kernel (another summation order)
+    torch.testing.assert_close(got, ref, rtol=1e-9, atol=1e-9)
