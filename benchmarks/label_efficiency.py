@@ -288,8 +288,10 @@ def markdown(rows: list[dict]) -> str:
                     f"{by_seed[s]:.3f}" for s in sorted(by_seed)) + ")"
             lines.append(f"| {data} | {lab} | {mean('zero-shot')} | {mean('oracle-box')} | "
                          + " | ".join(mean(m, k) for m, k in cols) + " |")
+    sources = sorted({f"{method_label(rows, r['method'])} k={r['k']}: {r['source']}" for r in rows if r.get("source")})
+    notes = "".join(f"\nNot from a run of this script: {s}.\n" for s in sources)
     return "\n".join(lines) + ("\n\nTest Dice: mean over split seeds (each seed's value in brackets, seeds in "
-                               "ascending order); k = training images (adapter validation taken from them).\n")
+                               "ascending order); k = training images (adapter validation taken from them).\n") + notes
 
 
 def plot(rows: list[dict], path: Path) -> None:
