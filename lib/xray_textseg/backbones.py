@@ -301,8 +301,9 @@ def build_backbone(name: str = "litemedsam", checkpoint: str | None = None, devi
     """Build a backbone by name. ``checkpoint`` None means the packaged default (LiteMedSAM only).
 
     ``allow_random`` builds ViT-B without weights: for wiring tests and timing only, never for predictions.
-    ``fused_attention`` (ViT-B): its attention through ``scaled_dot_product_attention`` (same outputs, far less
-    memory in training; :mod:`xray_textseg.attention`); False keeps segment_anything's own, for comparisons.
+    ``fused_attention`` (ViT-B): its attention through ``scaled_dot_product_attention`` (same outputs; on CUDA no
+    score matrix is stored, on the CPU inference is faster; :mod:`xray_textseg.attention`); False keeps
+    segment_anything's own, for comparisons.
     """
     if name not in BACKBONES:
         raise BackboneError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}")
