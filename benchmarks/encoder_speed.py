@@ -168,8 +168,7 @@ def agreement(backbone: str, checkpoint: str | None, device, precisions: list[st
     rows = []
     with torch.inference_mode():
         ref = bb.image_encoder(x).double()
-        for precision in precisions:
-            use_plain_attention(bb.image_encoder)
+        for precision in precisions:  # the encoder is plain here: built so, and put back after each fused run
             with autocast(device, precision):
                 plain = bb.image_encoder(x).double()
             for rel_pos in ("bias", "fold"):
