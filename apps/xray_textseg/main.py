@@ -25,6 +25,7 @@ except ImportError:  # pragma: no cover
 from lib.infers import TextPromptSegmentation  # noqa: E402
 from lib.options import AppOptions  # noqa: E402
 from lib.safety import SafeLocalDatastore, check_infer_image, install_error_handlers  # noqa: E402
+from lib.sessions import SafeSessions  # noqa: E402
 from lib.trainers import EXTRA_ROUND, AdapterTrainer, extra_round_reason  # noqa: E402
 from xray_textseg.adapters import AdapterStore, install_starter  # noqa: E402
 from xray_textseg.io import write_atomic  # noqa: E402
@@ -72,6 +73,14 @@ class XrayTextSegApp(MONAILabelApp):
         return SafeLocalDatastore(self.studies, extensions=settings.MONAI_LABEL_DATASTORE_FILE_EXT,
                                   auto_reload=settings.MONAI_LABEL_DATASTORE_AUTO_RELOAD,
                                   read_only=settings.MONAI_LABEL_DATASTORE_READ_ONLY)
+
+    def _load_sessions(self, load=False):
+        """Sessions (``PUT /session/``) whose archives are unpacked safely (lib/sessions.py)."""
+        if not load:
+            return None
+        from monailabel.config import settings
+
+        return SafeSessions(settings.MONAI_LABEL_SESSION_PATH, settings.MONAI_LABEL_SESSION_EXPIRY)
 
     def infer(self, request, datastore=None):
         sessions = self.sessions()

@@ -14,6 +14,8 @@ and malformed JSON form fields come back as HTTP 500. The rules here (README "In
   enters the datastore -> else 422 naming the problem;
 * a saved label must be a PNG/TIFF/NIfTI label map of its image's (H, W) holding only declared values
   (Slicer's ``label_info``, our ``label_names``, else the app's label values) -> else 422;
+* no request path may hold a ``.`` or ``..`` segment (:class:`RequestGuard`) -> else 400; session archives are
+  unpacked member by member (``lib/sessions.py``);
 * images, labels and ``datastore_v2.json`` are written to a temporary file and renamed: a crash leaves
   the old file or the new one, never half of one;
 * every change to ``datastore_v2.json`` re-reads it under the file lock first: MONAI Label runs scoring
@@ -53,7 +55,7 @@ from .infers import LABEL_VALUES
 logger = logging.getLogger(__name__)
 
 MASK_EXTENSIONS = (".nii.gz", ".nii", ".png", ".tif", ".tiff")
-_NAME = re.compile(r"[^./\\\x00-\x1f\x7f][^/\\\x00-\x1f\x7f]{0,127}")
+NAME_PATTERN = re.compile(r"[^./\\\x00-\x1f\x7f][^/\\\x00-\x1f\x7f]{0,127}")
 _STDLIB = os.path.realpath(sysconfig.get_paths()["stdlib"])
 _ENDPOINTS = os.path.join("monailabel", "endpoints") + os.sep
 # client errors that MONAI Label itself raises as HTTP 500
@@ -62,7 +64,7 @@ _CLIENT_500S = ("Neither Image nor File",)
 
 def check_name(value: Any, what: str) -> str:
     """An image id or label tag that is safe as one file or folder name (no traversal), else 400."""
-    if not isinstance(value, str) or not _NAME.fullmatch(value):
+    if not isinstance(value, str) or not NAME_PATTERN.fullmatch(value):
         raise HTTPException(status_code=400, detail=f"invalid {what} {str(value)[:80]!r}: 1-128 characters, "
                                                     "no '/', '\\' or control characters, not starting with '.'")
     return value
@@ -273,6 +275,33 @@ async def _http_error(request, exc):
     return await http_exception_handler(request, exc)
 
 
+class RequestGuard:
+    """ASGI middleware: refuses, before any endpoint runs, a path with a '.' or '..' segment (percent-decoded:
+    passed on, it climbs out of a session folder or the PACS proxy's DICOMweb prefix) and ``POST /train/<name>``
+    for a task the app does not have (MONAI Label answers 200 and its subprocess fails later)."""
+
+    def __init__(self, app, trainers: tuple[str, ...] = ()):
+        self.app = app
+        self.trainers = set(trainers)
+
+    def problem(self, scope) -> tuple[int, str] | None:
+        path = scope.get("path", "")
+        if any(part in (".", "..") for part in path.split("/")):
+            return 400, "invalid path: '.' and '..' segments are not accepted"
+        if self.trainers and scope.get("method") == "POST" and path.startswith("/train/"):
+            name = path[len("/train/"):].strip("/")
+            if name and name not in self.trainers:
+                return 404, f"unknown training task {name[:200]!r}; this app has: {', '.join(sorted(self.trainers))}"
+        return None
+
+    async def __call__(self, scope, receive, send):
+        found = self.problem(scope) if scope["type"] == "http" else None
+        if found:
+            await _error(*found)(scope, receive, send)
+        else:
+            await self.app(scope, receive, send)
+
+
 def install_error_handlers(trainers: tuple[str, ...] = ()) -> bool:
     """Map MONAI Label's client errors to 4xx on the running server (no-op outside the server, e.g. in the
     training subprocess). Starlette builds its middleware stack lazily, once: it is reset here so that the
@@ -284,24 +313,12 @@ def install_error_handlers(trainers: tuple[str, ...] = ()) -> bool:
     if server is None:
         return False
     from starlette.exceptions import HTTPException as StarletteHTTPException
-    from starlette.middleware.base import BaseHTTPMiddleware
 
     server.add_exception_handler(MONAILabelException, _monailabel_error)
     server.add_exception_handler(ValueError, _value_error)  # JSONDecodeError is a ValueError
     server.add_exception_handler(TypeError, _value_error)
     server.add_exception_handler(StarletteHTTPException, _http_error)
     server.middleware_stack = None
-    if trainers:
-        known = set(trainers)
-
-        async def check_train_task(request, call_next):
-            if request.method == "POST" and request.url.path.startswith("/train/"):
-                name = request.url.path[len("/train/"):].strip("/")
-                if name and name not in known:
-                    return _error(404, f"unknown training task {name[:200]!r}; this app has: "
-                                       f"{', '.join(sorted(known))}")
-            return await call_next(request)
-
-        server.add_middleware(BaseHTTPMiddleware, dispatch=check_train_task)
+    server.add_middleware(RequestGuard, trainers=tuple(trainers))
     logger.info("installed 4xx mapping for MONAI Label client errors")
     return True
