@@ -128,8 +128,9 @@ def ctx(tmp_path_factory):
     (studies / "broken.png").write_bytes(BAD_IMAGES["truncated.png"][0])
     labels = root / "labels"
     labels.mkdir()
-    srv = Server(studies, conf={"adapter_dir": str(root / "adapters"), "auto_train_after": "0", "refine": "false"},
-                 log=root / "server.log")
+    # no infer queue limit: the concurrency test checks every request is answered (the limit: test_server_defects)
+    srv = Server(studies, conf={"adapter_dir": str(root / "adapters"), "auto_train_after": "0", "refine": "false",
+                                "max_queued_infers": "0"}, log=root / "server.log")
     try:
         srv.info = srv.wait_ready()
         yield {"server": srv, "root": root, "studies": studies, "labels": labels}
@@ -198,7 +199,7 @@ HTTP_CASES = _bad_image_cases() + [
     Case("unknown-train-task", lambda c, x: c.post("/train/lung_v9", json={}), 404,
          ("lung_v9", "xray_textseg_train")),
     Case("params-not-json", lambda c, x: infer(c, raw="{prompt: heart"), 400, ("malformed JSON",)),
-    Case("params-a-list", lambda c, x: infer(c, raw="[1, 2]"), 400, ("malformed request",)),
+    Case("params-a-list", lambda c, x: infer(c, raw="[1, 2]"), 400, ("must be a JSON object",)),
     Case("no-image-no-file", lambda c, x: infer(c, ""), 400, ("Neither Image nor File",)),
     Case("unknown-image-id", lambda c, x: infer(c, "chest_999"), 404, ("chest_999",)),
     Case("image-path-traversal", lambda c, x: infer(c, f"../{x['root'].name}/studies/chest_000.png"), 404,
@@ -425,8 +426,8 @@ def _adapter(store_root: Path, version: str, predictor) -> Path:
 
 
 def test_broken_adapter_versions_are_skipped(ctx, predictor):
-    """current.json pointing at a truncated or incomplete version: it is skipped with an error line and the
-    previous valid version is served; an unreadable current.json falls back to zero-shot."""
+    """current.json pointing at a truncated, incomplete or changed (checksums) version: it is skipped with an error
+    line and the previous valid version is served; an unreadable current.json falls back to zero-shot."""
     from xray_textseg.adapters import AdapterStore
 
     srv, c = ctx["server"], ctx["server"].client
@@ -450,6 +451,17 @@ def test_broken_adapter_versions_are_skipped(ctx, predictor):
     assert r.status_code == 200 and r.json()["adapter"] == "v0002", r.text
     log = srv.log_tail(200)
     assert "adapter v0004 is unusable and skipped" in log and "decoder.safetensors" in log
+
+    _adapter(store.root, "v0005", predictor)  # bytes flipped inside its decoder: it still parses
+    decoder = store.path("v0005") / "decoder.safetensors"
+    data = bytearray(decoder.read_bytes())
+    data[-256:] = b"\xff" * 256
+    decoder.write_bytes(bytes(data))
+    store.set_current("v0005", "test")  # history: v0001, v0002, v0003, v0004
+    r = infer(c, None, file=RGB_FILM)
+    assert r.status_code == 200 and r.json()["adapter"] == "v0002", r.text
+    log = srv.log_tail(200)
+    assert "adapter v0005 is unusable and skipped" in log and "do(es) not match the checksums" in log
 
     (store.root / "current.json").write_text('{"current": "v0002", "hist')  # torn by a disk fault
     r = infer(c, None, file=RGB_FILM)

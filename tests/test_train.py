@@ -645,7 +645,7 @@ def test_a_budget_that_holds_the_epochs_gives_no_warning(setup, tmp_path):
 def test_lora_on_the_cpu_runs_a_batch_input_by_input_with_the_same_gradients(setup):
     """Each distinct input's forward and backward on its own (the encoder's saved activations are ~0.8 GB per
     input): the loss and every trainable parameter's gradient equal those of the whole batch at once."""
-    from monai.losses import DiceCELoss
+    from xray_textseg.train import SegmentationLoss
 
     trainer = Trainer(setup["backbone"], setup["encoder"], LABELS,
                       TrainConfig(mode="lora", batch_size=4, seed=0, device="cpu", amp=False))
@@ -663,7 +663,7 @@ def test_lora_on_the_cpu_runs_a_batch_input_by_input_with_the_same_gradients(set
     def run(pieces):
         for p in params:
             p.grad = None
-        loss = trainer._backward(batch, np.random.default_rng(2), DiceCELoss(sigmoid=True), pieces=pieces)
+        loss = trainer._backward(batch, np.random.default_rng(2), SegmentationLoss(), pieces=pieces)
         return loss, [torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in params]
 
     whole, whole_grads = run([batch])

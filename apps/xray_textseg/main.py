@@ -14,6 +14,7 @@ import os
 import sys
 import threading
 
+from fastapi import HTTPException
 from monailabel.interfaces.app import MONAILabelApp
 
 try:  # the engine is installed into the venv; fall back to the checkout for a bare clone
@@ -25,10 +26,15 @@ except ImportError:  # pragma: no cover
 from lib.infers import TextPromptSegmentation  # noqa: E402
 from lib.options import AppOptions  # noqa: E402
 from lib.safety import SafeLocalDatastore, check_infer_image, install_error_handlers  # noqa: E402
+from lib.routes import (UPLOAD_KEY, InferQueue, install_adapter_routes, install_request_routes,  # noqa: E402
+                        install_train_route)
 from lib.sessions import SafeSessions  # noqa: E402
-from lib.trainers import EXTRA_ROUND, AdapterTrainer, extra_round_reason  # noqa: E402
+from lib.trainers import (EXTRA_ROUND, AdapterTrainer, check_train_request, extra_round_reason,  # noqa: E402
+                          label_values_from_info)
 from xray_textseg.adapters import AdapterStore, install_starter  # noqa: E402
-from xray_textseg.io import write_atomic  # noqa: E402
+from xray_textseg.io import load_radiograph, write_atomic  # noqa: E402
+from xray_textseg.label_check import check_label  # noqa: E402
+from xray_textseg.labelmaps import structure_masks  # noqa: E402
 from xray_textseg.predictor import build_predictor  # noqa: E402
 from xray_textseg.prefetch import Prefetcher  # noqa: E402
 
@@ -53,6 +59,7 @@ class XrayTextSegApp(MONAILabelApp):
             logger.info("starter adapter: %s", why)
         self.prefetcher = Prefetcher(self.predictor) if o.prefetch or o.look_ahead else None
         self._autotrain_lock = threading.Lock()
+        self.infer_queue = InferQueue(o.max_queued_infers)
         logger.info("adapter store %s, current adapter: %s", self.store.root, self.store.current() or "none")
         super().__init__(
             app_dir=app_dir,
@@ -70,9 +77,44 @@ class XrayTextSegApp(MONAILabelApp):
             return super().init_datastore()
         from monailabel.config import settings
 
-        return SafeLocalDatastore(self.studies, extensions=settings.MONAI_LABEL_DATASTORE_FILE_EXT,
-                                  auto_reload=settings.MONAI_LABEL_DATASTORE_AUTO_RELOAD,
-                                  read_only=settings.MONAI_LABEL_DATASTORE_READ_ONLY)
+        datastore = SafeLocalDatastore(self.studies, extensions=settings.MONAI_LABEL_DATASTORE_FILE_EXT,
+                                       auto_reload=settings.MONAI_LABEL_DATASTORE_AUTO_RELOAD,
+                                       read_only=settings.MONAI_LABEL_DATASTORE_READ_ONLY)
+        datastore.label_check = self._check_label
+        return datastore
+
+    def _check_label(self, image_path: str, layers, info: dict) -> dict:
+        """A final label against the served model (``xray_textseg.label_check``): a contradiction is a 422 unless
+        the request says ``"force": true``; borderline or forced labels are kept, held out of training until a
+        person confirms them (``PUT /datastore/label/info`` with ``{"confirmed": true}``)."""
+        force = info.get("force", False)
+        if not isinstance(force, bool):
+            raise HTTPException(status_code=400, detail=f"'force' must be true or false, got {force!r}")
+        values = label_values_from_info(info)
+        current = self.store.current()
+        overlaps = self.store.metadata(current).get("overlaps", []) if current else []
+        masks, unknown = structure_masks(layers, values, overlaps)
+        infer = self._infers.get("xray_textseg")
+        if infer is not None:
+            infer.sync_adapter()  # the adapter the server answers with
+        check = check_label(self.predictor, load_radiograph(image_path), masks, unknown, values)
+        if check.contradictions and not force:
+            raise HTTPException(status_code=422, detail="label refused: " + "; ".join(check.contradictions)
+                                + '. If it is right as it is, save it with "force": true in params (it is then kept '
+                                  "but left out of training until a person confirms it)")
+        if check.agreement:
+            logger.info("label check: agreement with the served model %s%s", check.agreement,
+                        f"; held for review: {check.info(force).get('reasons')}" if check.info(force)["status"]
+                        == "held" else "")
+        return check.info(force) if check.agreement else {}
+
+    def _check_train_params(self, task: str, params: dict) -> None:
+        """A train request's parameters, checked as the run will read them (ValueError naming the bad one)."""
+        if not isinstance(params, dict):
+            raise ValueError(f"train parameters must be a JSON object, got {type(params).__name__}")  # noqa: TRY004
+        trainer = self._trainers[task]
+        config = trainer.config()
+        check_train_request({**config, **{k: v for k, v in params.items() if k in config}})
 
     def _load_sessions(self, load=False):
         """Sessions (``PUT /session/``) whose archives are unpacked safely (lib/sessions.py)."""
@@ -84,7 +126,11 @@ class XrayTextSegApp(MONAILabelApp):
 
     def infer(self, request, datastore=None):
         sessions = self.sessions()
-        check_infer_image(request, getattr(sessions, "store_path", None), datastore or self.datastore())
+        check_infer_image(request, getattr(sessions, "store_path", None), datastore or self.datastore(),
+                          upload=request.pop(UPLOAD_KEY, None))
+        if request.get("save_label") and (request.get("label_tag") or "original") == "final":
+            raise HTTPException(status_code=400, detail="a model answer is never saved as the 'final' label (what a "
+                                                        "person saved): use another label_tag, e.g. 'original'")
         image = request.get("image")
         if isinstance(image, str) and not os.path.exists(image):  # a datastore id: MONAI Label swaps in its path
             request = {**request, "image_id": request["image"]}
@@ -119,6 +165,7 @@ class XrayTextSegApp(MONAILabelApp):
 
     def info(self):
         meta = super().info()
+        meta["infer_queue"] = self.infer_queue.status()
         if self.prefetcher is not None:
             meta["prefetch"] = self.prefetcher.status()
         return meta
@@ -192,7 +239,12 @@ class XrayTextSegApp(MONAILabelApp):
 
     def on_init_complete(self):
         super().on_init_complete()
-        install_error_handlers(trainers=tuple(self._trainers))
+        install_error_handlers(trainers=tuple(self._trainers), dicom_seg=not isinstance(self.datastore(),
+                                                                                       SafeLocalDatastore))
+        install_request_routes(self.infer_queue)
+        infer = self._infers.get("xray_textseg")
+        install_adapter_routes(self.store, on_change=infer.sync_adapter if infer is not None else None)
+        install_train_route(self._trainers, self._check_train_params)
         seconds = self.options.retrain_seconds
         if seconds or (self.options.train_extra_rounds and self.options.train_warm_start):
             import schedule

@@ -27,6 +27,7 @@ first version.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -99,6 +100,7 @@ def save_adapter(out_dir: str | Path, *, head: torch.nn.Module, decoder: torch.n
         meta.setdefault("created", time.strftime("%Y-%m-%dT%H:%M:%S%z"))
         meta.setdefault("version", out_dir.name)
         meta["size_bytes"] = sum(p.stat().st_size for p in tmp.iterdir())
+        meta["checksums"] = checksums(tmp)
         (tmp / METADATA).write_text(json.dumps(meta, indent=2))  # written last: its presence marks completeness
     return out_dir
 
@@ -134,7 +136,16 @@ def round_stored_(*modules: torch.nn.Module) -> None:
                     p.copy_(p.to(torch.float16).to(p.dtype))
 
 
+def checksums(folder: Path) -> dict[str, str]:
+    """SHA-256 of every file of an adapter directory but its metadata (which records them) and its card
+    (``README.md``, text for people)."""
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(Path(folder).iterdir())
+            if p.is_file() and p.name not in (METADATA, "README.md")}
+
+
 def load_adapter(path: str | Path) -> Adapter:
+    """Read an adapter directory; an AdapterError names what is missing, unreadable or does not match the checksums
+    its metadata records (a file changed on disk, even one that still parses)."""
     from safetensors.torch import load_file
 
     path = Path(path)
@@ -145,6 +156,12 @@ def load_adapter(path: str | Path) -> Adapter:
         raise AdapterError(f"incomplete adapter (no {METADATA}): {path}")
     try:
         metadata = json.loads(meta_path.read_text())
+        recorded = metadata.get("checksums") or {}
+        changed = sorted(name for name, digest in checksums(path).items() if name in recorded
+                         and recorded[name] != digest) + sorted(set(recorded) - {p.name for p in path.iterdir()})
+        if changed:
+            raise AdapterError(f"adapter {path}: {', '.join(changed)} do(es) not match the checksums in its "
+                               f"{METADATA} (changed or missing on disk)")
         head = {k: v.float() if v.is_floating_point() else v  # float16 on disk (float32 before 2026-11-30)
                 for k, v in load_file(str(path / "head.safetensors")).items()}
         decoder = load_file(str(path / "decoder.safetensors"))
@@ -276,7 +293,7 @@ class AdapterStore:
     def _write_pointer(self, data: dict) -> None:
         write_atomic(self.root / self.POINTER, json.dumps(data, indent=2).encode())
 
-    def set_current(self, version: str, reason: str) -> None:
+    def set_current(self, version: str, reason: str, figures: dict | None = None) -> None:
         with self._lock:
             if not (self.root / version / METADATA).is_file():
                 raise AdapterError(f"no complete adapter {version} in {self.root}")
@@ -285,7 +302,7 @@ class AdapterStore:
                 ptr["history"].append(ptr["current"])
             ptr["current"] = version
             ptr.setdefault("log", []).append({"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "version": version,
-                                              "reason": reason})
+                                              "reason": reason, **({"dice": figures} if figures else {})})
             self._write_pointer(ptr)
 
     def promote(self, candidate: str, candidate_dice: float, current_dice: float | None,
@@ -302,6 +319,14 @@ class AdapterStore:
         self.set_current(candidate, why)
         return True, why
 
+    def record(self, candidate: str, promoted: bool, why: str, figures: dict | None = None) -> None:
+        """A gate's decision on ``candidate`` (:mod:`gate`): promoted (made current) or refused, in the history
+        with the per-label figures it was made on."""
+        if promoted:
+            self.set_current(candidate, why, figures)
+        else:
+            self._append_log(candidate, "rejected: " + why, figures)
+
     def rollback(self) -> str | None:
         """Go back to the previously promoted version; returns it (None when there is none)."""
         with self._lock:
@@ -315,11 +340,11 @@ class AdapterStore:
             self._write_pointer(ptr)
             return prev
 
-    def _append_log(self, version: str, reason: str) -> None:
+    def _append_log(self, version: str, reason: str, figures: dict | None = None) -> None:
         with self._lock:
             ptr = self._pointer()
             ptr.setdefault("log", []).append({"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "version": version,
-                                              "reason": reason})
+                                              "reason": reason, **({"dice": figures} if figures else {})})
             self._write_pointer(ptr)
 
     def install(self, source: str | Path, reason: str) -> str:
@@ -333,7 +358,8 @@ class AdapterStore:
                 if p.is_file() and p.name != METADATA:
                     shutil.copyfile(p, tmp / p.name)
             meta = json.loads((Path(source) / METADATA).read_text())
-            meta.update(version=dest.name, installed_from=str(source), installed=time.strftime("%Y-%m-%dT%H:%M:%S"))
+            meta.update(version=dest.name, installed_from=str(source), installed=time.strftime("%Y-%m-%dT%H:%M:%S"),
+                        checksums=meta.get("checksums") or checksums(tmp))
             (tmp / METADATA).write_text(json.dumps(meta, indent=2))  # last, as save_adapter writes it
         self.set_current(dest.name, reason)
         return dest.name

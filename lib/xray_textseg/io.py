@@ -43,6 +43,10 @@ a 100 megapixel film is already larger than any detector, larger claims are corr
 MIN_SIDE = 16
 """Smallest side accepted: below it nothing anatomical can be segmented, and backbones cannot pool."""
 
+MAX_ASPECT = 10
+"""Longest side at most this many times the shortest: a longer strip is no radiograph, and the fine pass would
+cut it into hundreds of crops."""
+
 # Pillow warns above MAX_IMAGE_PIXELS and refuses above twice that; we refuse above MAX_PIXELS ourselves,
 # so its warning threshold must not be lower than ours (only ever raise it, never disable it).
 if Image.MAX_IMAGE_PIXELS is not None and Image.MAX_IMAGE_PIXELS < MAX_PIXELS:
@@ -163,12 +167,15 @@ def save_mask(mask: np.ndarray, path: str | os.PathLike, like: Radiograph | None
 
     NIfTI masks get ``like``'s own affine when the image was a NIfTI, otherwise ``diag(-sx, -sy, 1, 1)``
     (pixel spacing or 1 mm): the geometry Slicer gives a PNG/DICOM film, so the mask overlays it there.
+    A (K, H, W) stack of label maps (overlapping structures in different layers) is written as a layered NIfTI,
+    (X, Y, 1, K), which :func:`load_label_layers` reads back.
     Written atomically: a client polling the file never sees half of it."""
     out = Path(path)
     labels = _integral_labels(np.asarray(mask), f"mask for {out}", ValueError)
-    if labels.ndim != 2:
-        raise ValueError(f"{out}: mask must be a 2D (H, W) label map, got shape {labels.shape}")
-    if like is not None and labels.shape != like.shape:
+    layered = labels.ndim == 3 and out.name.lower().endswith((".nii", ".nii.gz"))
+    if labels.ndim != 2 and not layered:
+        raise ValueError(f"{out}: mask must be a 2D (H, W) label map (or K layers as NIfTI), got {labels.shape}")
+    if like is not None and labels.shape[-2:] != like.shape:
         raise ValueError(f"{out}: mask shape (H,W)={labels.shape} does not match image (H,W)={like.shape}")
     name = out.name.lower()
     if name.endswith(".nii.gz"):
@@ -202,6 +209,45 @@ def load_mask(path: str | os.PathLike, shape: tuple[int, int] | None = None) -> 
         raise MaskReadError(f"{name}: label shape (H,W)={labels.shape} (stored as {stored}) does not match "
                             f"image (H,W)={tuple(shape)}; masks are not resized")
     return labels
+
+
+MAX_LABEL_LAYERS = 16
+
+
+def load_label_layers(path: str | os.PathLike, shape: tuple[int, int] | None = None) -> np.ndarray:
+    """A saved label as (K, H, W) uint8 label maps in display orientation: K = 1 for a label map
+    (:func:`load_mask`); a layered NIfTI, (X, Y, K), (X, Y, 1, K) or (X, Y, 1, 1, K) with 1 < K <= 16, gives its K
+    layers (overlapping structures in different layers, as Slicer keeps overlapping segments)."""
+    name = _existing_file(path)
+    if _sniff(name) != "nifti":
+        return load_mask(name, shape)[None]
+    with _open_nifti(name, MaskReadError) as img:
+        dims = tuple(int(d) for d in img.shape)
+        layer_axis = _layer_axis(dims)
+        if layer_axis is None:
+            return load_mask(name, shape)[None]
+        if dims[layer_axis] > MAX_LABEL_LAYERS:
+            raise MaskReadError(f"{name}: {dims[layer_axis]} label layers (at most {MAX_LABEL_LAYERS})")
+        _check_size(name, dims[1], dims[0], MaskReadError, 1)
+        if dims[0] * dims[1] * dims[layer_axis] > MAX_PIXELS:
+            raise MaskReadError(f"{name}: {dims[layer_axis]} layers of {dims[0]}x{dims[1]} exceed the "
+                                f"{MAX_PIXELS // 1_000_000} megapixel limit")
+        data = np.moveaxis(np.asanyarray(img.dataobj).reshape(dims[:2] + (dims[layer_axis],)), -1, 0)
+        affine = np.array(img.affine, dtype=np.float64)
+    layers = np.stack([_to_display(_integral_labels(layer, name, MaskReadError), affine) for layer in data])
+    if shape is not None and layers.shape[1:] != tuple(shape):
+        raise MaskReadError(f"{name}: label shape (H,W)={layers.shape[1:]} (stored as NIfTI {dims}) does not match "
+                            f"image (H,W)={tuple(shape)}; masks are not resized")
+    return layers
+
+
+def _layer_axis(dims: tuple[int, ...]) -> int | None:
+    """The axis of a layered label NIfTI's layers (see :func:`load_label_layers`), None for a plain one."""
+    extra = [(axis, d) for axis, d in enumerate(dims[2:], start=2) if d > 1]
+    if len(dims) < 3 or len(extra) != 1:
+        return None
+    axis = extra[0][0]
+    return axis if axis == len(dims) - 1 else None
 
 
 def write_atomic(path: str | os.PathLike, data: bytes) -> None:
@@ -241,6 +287,9 @@ def _check_size(where: str, height: int, width: int, error: type[ValueError] = I
                     f"{MAX_PIXELS // 1_000_000} megapixel limit")
     if height < min_side or width < min_side:
         raise error(f"{where}: image too small: {width}x{height} (minimum {min_side}x{min_side})")
+    if max(height, width) > MAX_ASPECT * min(height, width):
+        raise error(f"{where}: image {width}x{height} is more than {MAX_ASPECT} times longer than wide: not a "
+                    f"radiograph (a stitched long-leg film is about 4:1)")
 
 
 def _finite(where: str, values: np.ndarray) -> np.ndarray:
@@ -533,12 +582,17 @@ def _mask_plane(labels: np.ndarray, like: Radiograph | None) -> tuple[np.ndarray
 
 
 def _nifti_mask_bytes(labels: np.ndarray, like: Radiograph | None) -> bytes:
-    """A single-file NIfTI-1 of shape (X, Y, 1), uint8, with qform and sform both set (code 1, scanner)
+    """A single-file NIfTI-1 of shape (X, Y, 1) (layers: (X, Y, 1, K)), uint8, with qform and sform both set (code 1, scanner)
     so ITK/Slicer and nibabel agree on the geometry whichever form they prefer."""
     import nibabel as nib
 
-    plane, affine = _mask_plane(labels, like)
-    img = nib.Nifti1Image(plane[..., None].astype(np.uint8), affine)
+    if labels.ndim == 3:  # layers: (X, Y, 1, K)
+        planes = [_mask_plane(layer, like) for layer in labels]
+        data, affine = np.stack([p for p, _ in planes], -1)[:, :, None, :], planes[0][1]
+    else:
+        plane, affine = _mask_plane(labels, like)
+        data = plane[..., None]
+    img = nib.Nifti1Image(data.astype(np.uint8), affine)
     img.set_data_dtype(np.uint8)
     img.set_qform(affine, code=1)
     img.set_sform(affine, code=1)

@@ -50,6 +50,7 @@ import torch.nn.functional as F
 from .adapters import LORA_TARGETS
 from .backbones import Backbone, cpu_has_bf16, cpuinfo, encode_batch_size
 from .io import Radiograph, field_radiograph, load_mask, load_radiograph
+from .labelmaps import overlap_pairs
 from .priors import ANCHORS, FILM_REGION_MAX_FILMS, FILM_REGION_MIN_FILMS, THICKNESS_CHECKED, PriorBoxes
 from .text import PromptHead, TextEncoder, side_code
 from .transforms import View, film_field, mask_box
@@ -147,12 +148,19 @@ class TrainConfig:
 
 @dataclass
 class TrainItem:
-    """One labelled image: pixels and a boolean mask per label name."""
+    """One labelled image: pixels and a boolean mask per label name; ``unknown[label]`` marks pixels whose truth
+    for that label the saved label could not say (a clavicle's pixels under a lung painted over it,
+    ``labelmaps.structure_masks``): training, validation and the promotion gate ignore them."""
 
     name: str
     image: Radiograph
     masks: dict[str, np.ndarray]
     source_hash: str = ""  # the whole film's content hash when ``image`` is its exposed field (:meth:`on_field`)
+    unknown: dict[str, np.ndarray] = field(default_factory=dict)
+
+    def complete(self, label: str) -> bool:
+        """True when the label's mask is known at every pixel (fit for prior boxes and shape statistics)."""
+        return label in self.masks and self.masks[label].any() and label not in self.unknown
 
     @property
     def labels(self) -> list[str]:
@@ -171,7 +179,8 @@ class TrainItem:
         if found is None:
             return self
         return TrainItem(self.name, field_radiograph(self.image, found),
-                         {k: found.mask_from_film(v) for k, v in self.masks.items()}, self.hash)
+                         {k: found.mask_from_film(v) for k, v in self.masks.items()}, self.hash,
+                         {k: found.mask_from_film(v) for k, v in self.unknown.items()})
 
 
 @dataclass
@@ -180,6 +189,7 @@ class Example:
     kind: str  # coarse | fine
     box: np.ndarray  # (4,) model-space prompt box
     target: torch.Tensor  # (R, R) float
+    ignore: torch.Tensor | None = None  # (R, R) float, 1 where the target is unknown (TrainItem.unknown)
     x: torch.Tensor | None = None  # (3, S, S) model input (lora mode / re-encoding)
     emb: torch.Tensor | None = None  # (256, 64, 64) cached embedding (cached mode)
     item: int = 0
@@ -247,22 +257,28 @@ def earlier_split(adapter_dir: str | Path) -> dict[str, str]:
     return {**{h: "train" for h in meta.get("train_images", [])}, **{h: "val" for h in meta.get("val_images", [])}}
 
 
-def fit_priors(items: list[TrainItem], labels: tuple[str, ...], how: str = "median") -> PriorBoxes:
+def fit_priors(items: list[TrainItem], labels: tuple[str, ...], how: str = "median",
+               base: PriorBoxes | None = None) -> PriorBoxes:
     """Prior boxes of ``labels`` fitted on the items' masks (``how``: "auto", "median" or "envelope", see
     :meth:`PriorBoxes.fit`), and boxes relative to an anchor (``priors.ANCHORS``) where both the label and its
     anchor are trained and the label's prompt is not an envelope (a tight box placed from the anchor is not the
-    prompt a model trained on envelopes knows: JSRT split 1, right clavicle 0.67 from the anchor, 0.88 without)."""
-    priors = PriorBoxes()
-    for lab in labels:
-        priors.fit(lab, [it.masks[lab] for it in items if lab in it.masks and it.masks[lab].any()], how=how)
-    for lab in (lab for lab in labels if lab in THICKNESS_CHECKED):  # in label order: priors.json is reproducible
-        priors.fit_thickness(lab, [it.masks[lab] for it in items if lab in it.masks])
-    for lab in labels:
-        priors.fit_shape(lab, [it.masks[lab] for it in items if lab in it.masks])
+    prompt a model trained on envelopes knows: JSRT split 1, right clavicle 0.67 from the anchor, 0.88 without).
+    Only complete masks count (:meth:`TrainItem.complete`: a clavicle cut by the lung painted over it is not a
+    clavicle's shape). A label with none keeps what ``base`` (the adapter training continues from) had.
+    """
+    priors = copy.deepcopy(base) if base is not None else PriorBoxes()
+    full = {lab: [it.masks[lab] for it in items if it.complete(lab)] for lab in labels}
+    fitted = tuple(lab for lab in labels if full[lab] or base is None)
+    for lab in fitted:
+        priors.fit(lab, full[lab], how=how)
+    for lab in (lab for lab in fitted if lab in THICKNESS_CHECKED):  # in label order: priors.json is reproducible
+        priors.fit_thickness(lab, full[lab])
+    for lab in fitted:
+        priors.fit_shape(lab, full[lab])
     for lab, anchor in ANCHORS.items():
-        if lab in labels and anchor in labels and priors.kind.get(lab) != "envelope":
+        if lab in fitted and anchor in labels and priors.kind.get(lab) != "envelope":
             priors.fit_relative(lab, anchor, [(it.masks[lab], it.masks[anchor]) for it in items
-                                              if lab in it.masks and anchor in it.masks])
+                                              if it.complete(lab) and it.complete(anchor)])
     return priors
 
 
@@ -482,7 +498,8 @@ def draw_example(item: TrainItem, label: str, kind: str, rng: np.random.Generato
         pixels = degrade_film(pixels, view.box, degrade_rng, cfg.degrade)
     x = view.model_input(pixels)[0]
     target = view.mask_to_model(mask.astype(np.float32), res)
-    return Example(label, kind, view.box_to_model(box), target, x=x)
+    ignore = view.mask_to_model(item.unknown[label].astype(np.float32), res) if label in item.unknown else None
+    return Example(label, kind, view.box_to_model(box), target, ignore=ignore, x=x)
 
 
 def augment(ex: Example, rng: np.random.Generator, res: int) -> Example:
@@ -500,6 +517,8 @@ def augment(ex: Example, rng: np.random.Generator, res: int) -> Example:
     x = F.grid_sample(x[:1][None], grid, mode="bilinear", padding_mode="zeros", align_corners=False)[0]
     tgrid = F.affine_grid(theta, (1, 1, res, res), align_corners=False)
     target = F.grid_sample(target[None, None], tgrid, mode="bilinear", align_corners=False)[0, 0]
+    ignore = None if ex.ignore is None else \
+        F.grid_sample(ex.ignore[None, None], tgrid, mode="bilinear", align_corners=False)[0, 0]
     # box corners: input -> output coords is the inverse map
     inv = torch.linalg.inv(torch.cat([theta[0], torch.tensor([[0.0, 0.0, 1.0]])]))[:2]
     x0, y0, x1, y1 = (float(v) for v in ex.box)
@@ -515,7 +534,7 @@ def augment(ex: Example, rng: np.random.Generator, res: int) -> Example:
     x = x + float(rng.uniform(0, 0.03)) * noise
     lo, hi = x.amin(), x.amax()
     x = ((x - lo) / torch.clamp(hi - lo, min=1e-6)).expand(3, size, size).contiguous()
-    return Example(ex.label, ex.kind, box, target, x=x, item=ex.item, share=ex.share)
+    return Example(ex.label, ex.kind, box, target, ignore=ignore, x=x, item=ex.item, share=ex.share)
 
 
 # --- model ---------------------------------------------------------------------------------------------
@@ -528,13 +547,41 @@ def decode_batch(backbone: Backbone, emb: torch.Tensor, sparse: torch.Tensor, de
     return torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs])
 
 
-def soft_dice(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Per-sample Dice of the thresholded prediction (logit > 0) against target > 0.5."""
+def soft_dice(logits: torch.Tensor, target: torch.Tensor, known: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-sample Dice of the thresholded prediction (logit > 0) against target > 0.5, over ``known`` pixels."""
     p = (logits > 0).float().flatten(1)
     t = (target > 0.5).float().flatten(1)
+    if known is not None:
+        k = known.reshape(p.shape)
+        p, t = p * k, t * k
     inter = (p * t).sum(1)
     denom = p.sum(1) + t.sum(1)
     return torch.where(denom > 0, 2 * inter / denom.clamp(min=1), torch.ones_like(denom))
+
+
+def known_pixels(examples: list[Example], device) -> torch.Tensor | None:
+    """(B, 1, R, R) float: 1 where the examples' targets are known, None when all are (the plain loss applies)."""
+    if all(e.ignore is None for e in examples):
+        return None
+    return torch.stack([torch.ones_like(e.target) if e.ignore is None else (e.ignore < 0.5).float()
+                        for e in examples]).to(device)[:, None]
+
+
+class SegmentationLoss:
+    """Dice + BCE on the decoder's logits (MONAI ``DiceCELoss``); with ``known`` pixels, unknown ones add nothing:
+    MONAI's ``MaskedDiceLoss`` and BCE averaged over known pixels (the same value as DiceCELoss when all are)."""
+
+    def __init__(self):
+        from monai.losses import DiceCELoss, MaskedDiceLoss
+
+        self.plain = DiceCELoss(sigmoid=True)
+        self.masked = MaskedDiceLoss(sigmoid=True)
+
+    def __call__(self, logits: torch.Tensor, target: torch.Tensor, known: torch.Tensor | None = None) -> torch.Tensor:
+        if known is None:
+            return self.plain(logits, target)
+        bce = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
+        return self.masked(logits, target, mask=known) + (bce * known).sum() / known.sum().clamp(min=1)
 
 
 class Trainer:
@@ -712,11 +759,12 @@ class Trainer:
         total = 0.0
         for piece in pieces or self._pieces(batch):
             target = torch.stack([e.target for e in piece]).to(self.device)[:, None]
+            known = known_pixels(piece, self.device)
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
                 logits, iou_pred = self._forward(piece, rng, box_jitter=box_jitter)
-            loss = loss_fn(logits, target)
+            loss = loss_fn(logits, target, known)
             with torch.no_grad():
-                actual = soft_dice(logits, target[:, 0])  # Dice as the IoU-head target (same ordering)
+                actual = soft_dice(logits, target[:, 0], known)  # Dice as the IoU-head target (same ordering)
             loss = (loss + 0.5 * F.mse_loss(iou_pred, actual)) * (len(piece) / len(batch))
             loss.backward()
             total += loss.item()
@@ -786,15 +834,14 @@ class Trainer:
             batch = val[k:k + bs]
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
                 logits, _ = self._forward(batch, None)
-            d = soft_dice(logits, torch.stack([e.target for e in batch]).to(self.device))
+            d = soft_dice(logits, torch.stack([e.target for e in batch]).to(self.device),
+                          known_pixels(batch, self.device))
             for e, v in zip(batch, d.tolist()):
                 scores.setdefault(e.label, []).append(v)
         return {lab: float(np.mean(v)) for lab, v in sorted(scores.items())}
 
     # --- the loop ---
     def fit(self, train_items: list[TrainItem], val_items: list[TrainItem], priors: PriorBoxes) -> TrainResult:
-        from monai.losses import DiceCELoss
-
         cfg = self.cfg
         torch.manual_seed(cfg.seed)
         rng = np.random.default_rng(cfg.seed)
@@ -843,7 +890,7 @@ class Trainer:
             # against 0.676 / 0.746 (docs/results.md); with 5-12 epochs in the budget the model is still learning
             sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / cfg.warmup_steps)
                                                       * 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
-            loss_fn = DiceCELoss(sigmoid=True)
+            loss_fn = SegmentationLoss()
             best, best_state, stale = -1.0, self._state(), 0
             if val:
                 base = self._validate(val)
@@ -998,7 +1045,8 @@ def train_adapter(items: list[TrainItem], out_dir: str | Path, *, backbone: Back
     labels = tuple(lab for lab in labels if any(lab in it.labels for it in train_items))
     if not labels:
         raise ValueError("the training images carry none of the requested labels")
-    priors = fit_priors(train_items, labels, cfg.coarse_prior)
+    base = PriorBoxes.load(Path(cfg.init_from) / "priors.json") if cfg.init_from else None
+    priors = fit_priors(train_items, labels, cfg.coarse_prior, base=base)
     trainer = Trainer(backbone, text_encoder, labels, cfg, progress=progress, should_stop=should_stop,
                       log_path=log_path)
     result = trainer.fit(train_items, val_items, priors)
@@ -1023,6 +1071,7 @@ def train_adapter(items: list[TrainItem], out_dir: str | Path, *, backbone: Back
         "train_names": sorted(it.name for it in train_items),
         "val_images": sorted(it.hash for it in val_items),
         "val_names": sorted(it.name for it in val_items),
+        "overlaps": overlap_pairs(it.masks for it in train_items if not it.unknown),
         "training": {"epochs_run": result.epochs_run, "best_epoch": result.best_epoch, "stopped": result.stopped,
                      "seconds": round(result.seconds, 1), "proxy_val_dice": result.best_val_dice,
                      "config": asdict(cfg)},
@@ -1189,7 +1238,8 @@ def _dice_per_grow(predictor, items: list[TrainItem], labels: tuple[str, ...] | 
                         predictor.label_grow = {lab: float(g) for lab in run}
                         predictor.label_prompt = {lab: kind for lab in run}
                     for r in predictor.predict(run).results:
-                        per[st].setdefault(r.label, []).append(dice(r.mask, it.masks[r.label]))
+                        per[st].setdefault(r.label, []).append(dice(r.mask, it.masks[r.label],
+                                                                    ignore=it.unknown.get(r.label)))
             if progress:
                 progress({"phase": "validation", "done": i + 1, "total": len(items)})
     finally:

@@ -26,6 +26,12 @@ LABEL_SETS: dict[str, tuple[str, ...]] = {
 # (priors.FILM_REGION_RATIO) tells them apart.
 BODY_REGIONS: dict[str, tuple[str, ...]] = {"chest": CHEST_LABELS, "lower_limb": LOWER_LIMB_LABELS}
 
+# Structures that lie over each other on a film (a clavicle over its lung field): a label map with one value per
+# pixel cannot hold both, so a pixel it gives to one of a pair says nothing about the other (labelmaps.py).
+# Adapters add the pairs their training masks showed overlapping (labelmaps.overlap_pairs).
+OVERLAPPING: frozenset[frozenset[str]] = frozenset({frozenset({"left_clavicle", "left_lung"}),
+                                                    frozenset({"right_clavicle", "right_lung"})})
+
 # Anatomy nouns (singular, lower case) -> canonical stem. Lateralised stems need a side.
 _NOUNS: dict[str, str] = {
     "lung": "lung",

@@ -13,9 +13,11 @@ import tempfile
 import time
 from typing import Any
 
+import numpy as np
 from fastapi import HTTPException
 from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
-from xray_textseg.io import ImageReadError, load_radiograph, save_mask
+from xray_textseg.io import ImageReadError, load_radiograph, radiograph_from_array, save_mask
+from xray_textseg.labelmaps import hidden_pixels
 from xray_textseg.predictor import Predictor
 from xray_textseg.vocabulary import ALL_LABELS, UnknownLabelError, companion_labels, parse_prompt
 
@@ -48,7 +50,8 @@ class TextPromptSegmentation(InferTask):
     def sync_adapter(self) -> None:
         """Serve the store's current adapter: a promoted one is picked up here, without a restart.
 
-        A version that cannot be loaded (truncated or missing files, incompatible) is skipped with an error
+        A version that cannot be loaded (truncated, changed or missing files, incompatible, a failing smoke
+        prediction) is skipped with an error
         line and remembered, and the previously promoted versions are tried newest first; with none left the
         task serves zero-shot. Nothing is retried until ``current.json`` changes."""
         if self.store is None:
@@ -65,6 +68,7 @@ class TextPromptSegmentation(InferTask):
             if version != self.predictor.adapter_version:
                 try:
                     self.predictor.load_adapter(self.store.path(version))
+                    self._smoke_test()
                 except Exception as exc:  # noqa: BLE001 - a broken version must not take the service down
                     self._broken.add(version)
                     logger.error("adapter %s is unusable and skipped: %s", version, exc)
@@ -78,6 +82,14 @@ class TextPromptSegmentation(InferTask):
             self.predictor.unload_adapter()
         if key[0]:
             logger.error("no usable adapter among %s: serving zero-shot", candidates)
+
+    def _smoke_test(self) -> None:
+        """One prediction on a small made-up film with the adapter just loaded: weights that load but compute
+        nothing usable (changed on disk without a checksum to tell) raise here, before any client sees them."""
+        film = radiograph_from_array(np.tile(np.linspace(0, 255, 64, dtype=np.float32), (64, 1)))
+        result = self.predictor.predict([self.predictor.labels[0]], image=film, refine=False).results[0]
+        if not math.isfinite(result.score):
+            raise ValueError(f"smoke prediction gave a non-finite score ({result.score})")
 
     def _boxes(self, request: dict[str, Any], labels: list, shape: tuple[int, int]) -> dict[str, list[float]] | None:
         """Optional refinement: ``box`` = [x0, y0, x1, y1] (image pixels) for a one-label prompt, or
@@ -145,11 +157,18 @@ class TextPromptSegmentation(InferTask):
         self.last_labels = [p.label for p in labels]
 
         label_map = prediction.label_map_with_values(LABEL_VALUES)
+        layers = request.get("layers", False)
+        if not isinstance(layers, bool):
+            raise HTTPException(status_code=400, detail=f"'layers' must be true or false, got {layers!r}")
         # NIfTI, or the raw NRRD OHIF's MONAI Label panel asks for (result_extension ".nrrd")
-        suffix = ".nrrd" if str(request.get("result_extension") or "").lower() == ".nrrd" else ".nii.gz"
+        suffix = ".nrrd" if str(request.get("result_extension") or "").lower() == ".nrrd" and not layers else ".nii.gz"
         fd, out = tempfile.mkstemp(suffix=suffix, prefix="xray_textseg_")
         os.close(fd)
-        save_mask(label_map, out, like=image)
+        if layers:  # one layer per structure: overlaps kept (a layered NIfTI, as label saves accept it)
+            save_mask(np.stack([r.mask.astype(np.uint8) * LABEL_VALUES[r.label] for r in prediction.results]), out,
+                      like=image)
+        else:
+            save_mask(label_map, out, like=image)
         params = {
             "label_names": {r.label: LABEL_VALUES[r.label] for r in prediction.results},
             "prompt": prompt,
@@ -161,6 +180,9 @@ class TextPromptSegmentation(InferTask):
                           "request": round(time.perf_counter() - t0, 4)},
             "cache": prediction.cache,
         }
+        hidden = hidden_pixels({r.label: r.mask for r in prediction.results}, label_map, LABEL_VALUES)
+        if hidden and not layers:  # what the label map cannot show: ask with "layers": true for every structure whole
+            params["hidden"] = hidden
         if prediction.film:  # the film was read on its exposed field, or turned upright from its canvas
             params["film"] = prediction.film
         if prediction.warnings:  # a mask the adapter's training masks say is implausible (a clavicle run onto a rib)

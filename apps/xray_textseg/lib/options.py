@@ -62,12 +62,14 @@ class AppOptions:
     train_mid_view: bool = False  # find enveloped labels (clavicles with coarse prior auto) on a crop of their region
     train_warm_start: bool = True  # continue each retraining from the current adapter's weights (else from the base)
     train_extra_rounds: int = 2  # a run the time budget cut while improving goes on (same labels) up to this often
+    max_queued_infers: int = 8  # infers waiting behind the running one; more get a 503 with Retry-After (0 = no limit)
     train_degrade: float = 0.3  # probability per training example of film-space blur and of noise (TrainConfig.degrade)
 
     def __post_init__(self) -> None:
         for name in CHOICES:
             check_choice(getattr(self, name), name, f"--conf {name}")
-        for name in ("auto_train_after", "train_extra_rounds", "min_train_images", "train_time_budget_min"):
+        for name in ("auto_train_after", "train_extra_rounds", "min_train_images", "train_time_budget_min",
+                     "max_queued_infers"):
             if getattr(self, name) < 0:
                 raise ValueError(f"--conf {name} {getattr(self, name)}: expected 0 or more")
         check_probability(self.train_degrade, "--conf train_degrade")

@@ -48,7 +48,7 @@ from monailabel.interfaces.exception import (
     MONAILabelError,
     MONAILabelException,
 )
-from xray_textseg.io import ImageReadError, MaskReadError, load_mask, load_radiograph, write_atomic
+from xray_textseg.io import ImageReadError, MaskReadError, load_label_layers, load_radiograph, write_atomic
 
 from .infers import LABEL_VALUES
 
@@ -70,11 +70,12 @@ def check_name(value: Any, what: str) -> str:
     return value
 
 
-def check_infer_image(request: dict[str, Any], session_root: str | None = None, datastore=None) -> None:
+def check_infer_image(request: dict[str, Any], session_root: str | None = None, datastore=None,
+                      upload: str | None = None) -> None:
     """Refuse an infer ``image`` that is a server path rather than a datastore id (MONAI Label reads any
     existing path it is given), and name an unknown id of the local datastore in the 404 (a DICOMweb id is
-    left to its datastore: looking it up downloads the series). Allowed paths:
-    MONAI Label's own temporary file of an infer upload, and session images."""
+    left to its datastore: looking it up downloads the series). Allowed paths: this request's own upload
+    (``upload``, set by the app's infer route) and session images."""
     image = request.get("image")
     if not isinstance(image, str) or not image:
         return
@@ -83,7 +84,7 @@ def check_infer_image(request: dict[str, Any], session_root: str | None = None, 
             raise HTTPException(status_code=404, detail=f"image not found: {image[:200]!r}")
         return
     real = os.path.realpath(image)
-    if os.path.dirname(real) == os.path.realpath(tempfile.gettempdir()) and os.path.basename(real).startswith("tmp"):
+    if upload and real == os.path.realpath(upload):
         return
     if session_root and real.startswith(os.path.realpath(session_root) + os.sep):
         return
@@ -126,8 +127,26 @@ def copy_atomic(src: str, dest: str) -> None:
         raise
 
 
+@contextlib.contextmanager
+def _discarded_when_refused(path: str):
+    """MONAI Label's upload endpoints remove their temporary copy only after a success: on a refusal it is
+    removed here (only a file directly in the temp folder, where those endpoints write)."""
+    try:
+        yield
+    except BaseException:
+        if path and os.path.dirname(os.path.realpath(path)) == os.path.realpath(tempfile.gettempdir()):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+        raise
+
+
 class SafeLocalDatastore(LocalDatastore):
-    """LocalDatastore that validates uploads and labels (see module docstring) and writes atomically."""
+    """LocalDatastore that validates uploads and labels (see module docstring) and writes atomically.
+
+    ``label_check(image_path, layers, info) -> dict``: set by the app, called for final labels before anything is
+    written; it raises an HTTPException to refuse a label, or returns what to keep with it under ``check``."""
+
+    label_check = None
 
     def _reload_locked(self) -> None:
         """Re-read ``datastore_v2.json`` (caller holds the file lock): other processes may have written it."""
@@ -159,6 +178,21 @@ class SafeLocalDatastore(LocalDatastore):
         return self._to_id(os.path.basename(filename))[1]
 
     def add_image(self, image_id: str, image_filename: str, image_info: dict[str, Any]) -> str:
+        with _discarded_when_refused(image_filename):
+            return self._add_image(image_id, image_filename, image_info)
+
+    def save_label(self, image_id: str, label_filename: str, label_tag: str, label_info: dict[str, Any]) -> str:
+        with _discarded_when_refused(label_filename):
+            return self._save_label(image_id, label_filename, label_tag, label_info)
+
+    def remove_label(self, label_id: str, label_tag: str) -> None:
+        check_name(label_tag, "label tag")
+        obj = self._datastore.objects.get(label_id)
+        if not obj or label_tag not in obj.labels:
+            raise HTTPException(status_code=404, detail=f"no {label_tag!r} label for image {str(label_id)[:200]!r}")
+        super().remove_label(label_id, label_tag)
+
+    def _add_image(self, image_id: str, image_filename: str, image_info: dict[str, Any]) -> str:
         default_id, ext = self._to_id(os.path.basename(image_filename))
         image_id = check_name(image_id or default_id, "image id")
         if not any(fnmatch.fnmatch(f"x{ext}".lower(), p.lower()) for p in self._extensions):
@@ -172,6 +206,11 @@ class SafeLocalDatastore(LocalDatastore):
         dest = os.path.join(self._datastore.image_path(), name)
         with FileLock(self._lock_file):
             self._reload_locked()
+            old = self._datastore.objects.get(image_id)
+            if old is not None and old.labels:
+                raise HTTPException(status_code=409, detail=f"image {image_id!r} has labels ({', '.join(old.labels)}): "
+                                                            "a new film under its id would detach them; delete its "
+                                                            "labels first or upload it under another id")
             copy_atomic(image_filename, dest)
             info = dict(image_info or {}, ts=int(time.time()), name=name)
             self._datastore.objects[image_id] = ImageLabelModel(image=DataModel(info=info, ext=ext))
@@ -179,7 +218,10 @@ class SafeLocalDatastore(LocalDatastore):
         logger.info("added image %s (%s)", image_id, name)
         return image_id
 
-    def save_label(self, image_id: str, label_filename: str, label_tag: str, label_info: dict[str, Any]) -> str:
+    def _save_label(self, image_id: str, label_filename: str, label_tag: str, label_info: dict[str, Any]) -> str:
+        if label_info is not None and not isinstance(label_info, dict):
+            raise HTTPException(status_code=400, detail=f"label 'params' must be a JSON object, got "
+                                                        f"{type(label_info).__name__}: {str(label_info)[:80]!r}")
         obj = self._datastore.objects.get(image_id)
         if not obj:
             raise HTTPException(status_code=404, detail=f"image not found: {str(image_id)[:200]!r}")
@@ -194,13 +236,16 @@ class SafeLocalDatastore(LocalDatastore):
         except ImageReadError as exc:
             raise HTTPException(status_code=422, detail=f"the stored image cannot be read: {exc}") from None
         try:
-            labels = load_mask(label_filename, shape)
+            labels = load_label_layers(label_filename, shape)  # one label map, or layers holding overlaps
         except MaskReadError as exc:
             raise HTTPException(status_code=422, detail=str(exc).replace(label_filename, "label")) from None
         unknown = sorted(set(np.unique(labels).tolist()) - allowed)
         if unknown:
             raise HTTPException(status_code=422, detail=f"label holds values {unknown[:10]} that are not declared "
                                                         f"labels (allowed: {sorted(allowed)}; 0 is background)")
+        checked = {}
+        if self.label_check is not None and label_tag == "final":
+            checked = self.label_check(self.get_image_uri(image_id), labels, label_info or {})
         label_path = self._datastore.label_path(label_tag)
         name = self._filename(image_id, ext)
         with FileLock(self._lock_file):
@@ -210,10 +255,11 @@ class SafeLocalDatastore(LocalDatastore):
                 raise HTTPException(status_code=404, detail=f"image not found: {str(image_id)[:200]!r}")
             os.makedirs(label_path, exist_ok=True)
             copy_atomic(label_filename, os.path.join(label_path, name))
-            info = dict(label_info or {}, ts=int(time.time()), name=name)
+            info = dict(label_info or {}, ts=int(time.time()), name=name, **({"check": checked} if checked else {}))
+            info.pop("confirmed", None)  # a new label is confirmed by a person afresh
             obj.labels[label_tag] = DataModel(info=info, ext=ext)
             self._update_datastore_file(lock=False)
-        logger.info("saved label %s/%s (%s)", label_tag, name, labels.shape)
+        logger.info("saved label %s/%s (%s)", label_tag, name, "x".join(map(str, labels.shape)))
         return image_id
 
     def _update_datastore_file(self, lock: bool = True) -> None:
@@ -280,15 +326,23 @@ class RequestGuard:
     passed on, it climbs out of a session folder or the PACS proxy's DICOMweb prefix) and ``POST /train/<name>``
     for a task the app does not have (MONAI Label answers 200 and its subprocess fails later)."""
 
-    def __init__(self, app, trainers: tuple[str, ...] = ()):
+    def __init__(self, app, trainers: tuple[str, ...] = (), dicom_seg: bool = False):
         self.app = app
         self.trainers = set(trainers)
+        self.dicom_seg = dicom_seg  # DICOM SEG answers need a DICOMweb datastore
 
     def problem(self, scope) -> tuple[int, str] | None:
-        path = scope.get("path", "")
+        path, method = scope.get("path", ""), scope.get("method")
         if any(part in (".", "..") for part in path.split("/")):
             return 400, "invalid path: '.' and '..' segments are not accepted"
-        if self.trainers and scope.get("method") == "POST" and path.startswith("/train/"):
+        if method == "PUT" and path.startswith("/model/"):
+            return 405, ("adapters are not uploaded: they are trained from saved labels and promoted by the server "
+                         "(GET /adapter/ lists them)")
+        if path.startswith("/infer/") and not self.dicom_seg and \
+                b"output=dicom_seg" in scope.get("query_string", b""):
+            return 400, ("output=dicom_seg needs a DICOMweb datastore (--studies http(s)://.../dicom-web); this "
+                         "server's datastore is a folder: ask for output=image or all")
+        if self.trainers and method == "POST" and path.startswith("/train/"):
             name = path[len("/train/"):].strip("/")
             if name and name not in self.trainers:
                 return 404, f"unknown training task {name[:200]!r}; this app has: {', '.join(sorted(self.trainers))}"
@@ -302,7 +356,7 @@ class RequestGuard:
             await self.app(scope, receive, send)
 
 
-def install_error_handlers(trainers: tuple[str, ...] = ()) -> bool:
+def install_error_handlers(trainers: tuple[str, ...] = (), dicom_seg: bool = False) -> bool:
     """Map MONAI Label's client errors to 4xx on the running server (no-op outside the server, e.g. in the
     training subprocess). Starlette builds its middleware stack lazily, once: it is reset here so that the
     next request rebuilds it with these handlers.
@@ -319,6 +373,6 @@ def install_error_handlers(trainers: tuple[str, ...] = ()) -> bool:
     server.add_exception_handler(TypeError, _value_error)
     server.add_exception_handler(StarletteHTTPException, _http_error)
     server.middleware_stack = None
-    server.add_middleware(RequestGuard, trainers=tuple(trainers))
+    server.add_middleware(RequestGuard, trainers=tuple(trainers), dicom_seg=dicom_seg)
     logger.info("installed 4xx mapping for MONAI Label client errors")
     return True
