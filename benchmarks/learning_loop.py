@@ -113,7 +113,7 @@ def wait_for_run(server: Server, timeout: float) -> dict:
     stats: dict = {}
     while time.time() < deadline:
         stats = server.client.get("/info/").json().get("train_stats", {}).get("xray_textseg_train", {})
-        if stats.get("status") in ("done", "skipped", "stopped") and stats.get("version"):
+        if stats.get("status") == "skipped" or (stats.get("status") in ("done", "stopped") and stats.get("version")):
             return stats
         time.sleep(5)
     return {**stats, "status": "timeout"}

@@ -20,6 +20,11 @@ Measures, on 127.0.0.1:
 * prefetch: the next film active learning proposes is warmed in the background (film encoded, the last
   prompt's labels segmented); the first prompt on it after the warm-up (``--conf prefetch=false`` to compare).
 
+``--new-films N`` measures one case instead: N clients at once, each uploading a film the server has not seen
+(``file=``, uncached), while ``/info/`` is polled: each answer's latency and the order answers arrive in (do they
+leave as they are ready, or all at the end?), 503s from the infer queue, ``/info/``'s latency meanwhile and the
+queue it shows. ``--repo PATH`` starts the server of another checkout (e.g. the commit before a change).
+
 Requests use ``output=all`` (label NIfTI + params, what the viewers get); the params carry the server-side
 latency, reported beside the client-side one. Background scoring is off (``MONAI_LABEL_AUTO_UPDATE_SCORING
 =false``): its subprocess would load a second model and compete for the CPU during the measurement.
@@ -136,7 +141,11 @@ def main(argv=None) -> int:
     ap.add_argument("--conf", nargs="*", default=[], help="extra app options NAME=VALUE")
     ap.add_argument("--skip-al", action="store_true", help="leave out the active-learning cache check")
     ap.add_argument("--out", default=None, help="JSON results")
+    ap.add_argument("--new-films", type=int, default=0, help="only the case of N clients with new films at once")
+    ap.add_argument("--repo", default=None, help="checkout whose app the server runs (default: this one)")
     args = ap.parse_args(argv)
+    if args.new_films:
+        return new_films(args)
 
     machine = machine_info(args.device)
     src = Path(args.data) if args.data else REPO / "sample_data" / "images"
@@ -320,6 +329,86 @@ def main(argv=None) -> int:
     write_json(args.out, result)
     shutil.rmtree(tmp, ignore_errors=True)
     return 0 if not errors else 1
+
+
+def new_films(args) -> int:
+    """N clients at once, each with a film the server never saw (see the module docstring)."""
+    import io
+
+    import httpx
+    import server as server_module
+    from PIL import Image
+
+    from xray_textseg.sample_data import generate_cases, to_uint8
+
+    if args.repo:
+        server_module.REPO = Path(args.repo).resolve()
+    machine = machine_info(args.device)
+    tmp = Path(tempfile.mkdtemp(prefix="xray_textseg_newfilms_"))
+    (tmp / "studies").mkdir()
+    shutil.copy(REPO / "sample_data" / "images" / "chest_000.png", tmp / "studies")
+    films = []
+    for case in generate_cases(args.new_films, 0, seed=99):
+        buf = io.BytesIO()
+        Image.fromarray(to_uint8(case.image)).save(buf, format="PNG")
+        films.append(buf.getvalue())
+    conf = {"adapter_dir": str(tmp / "adapters"), "device": args.device, "auto_train_after": "0",
+            **dict(kv.split("=", 1) for kv in args.conf)}
+    env = {"MONAI_LABEL_AUTO_UPDATE_SCORING": "false", "OMP_NUM_THREADS": str(args.threads or os.cpu_count() or 1)}
+    srv = Server(tmp / "studies", conf=conf, env=env, log=tmp / "server.log")
+    answers: list[dict] = []
+    info: list[dict] = []
+    try:
+        srv.wait_ready(timeout=600)
+        with contextlib.suppress(Exception):  # warm the model once (not a new film's cost)
+            infer(srv.client, "chest_000", args.prompt)
+        barrier = threading.Barrier(args.new_films + 1)
+        lock = threading.Lock()
+
+        def client(k: int) -> None:
+            with httpx.Client(base_url=srv.url, timeout=900) as c:
+                barrier.wait()
+                t = time.perf_counter()
+                r = c.post("/infer/xray_textseg", params={"output": "json"},
+                           data={"params": json.dumps({"prompt": args.prompt})},
+                           files={"file": (f"new_{k}.png", films[k])})
+                with lock:
+                    answers.append({"client": k, "status": r.status_code, "s": round(time.perf_counter() - t, 2),
+                                    "at": time.perf_counter(), "retry_after": r.headers.get("Retry-After")})
+
+        threads = [threading.Thread(target=client, args=(k,)) for k in range(args.new_films)]
+        for t in threads:
+            t.start()
+        barrier.wait()
+        t0 = time.perf_counter()
+        with httpx.Client(base_url=srv.url, timeout=900) as c:
+            while any(t.is_alive() for t in threads):
+                t = time.perf_counter()
+                r = c.get("/info/")
+                info.append({"s": round(time.perf_counter() - t, 3), "queue": r.json().get("infer_queue", {})
+                             .get("in_flight") if r.status_code == 200 else None})
+                time.sleep(0.5)
+        for t in threads:
+            t.join()
+    finally:
+        log_tail = srv.log_tail(20)
+        srv.stop()
+    ok = sorted(a["s"] for a in answers if a["status"] == 200)
+    arrivals = sorted(a["at"] - t0 for a in answers if a["status"] == 200)
+    result = {"benchmark": "server_load new films", "machine": machine, "repo": str(server_module.REPO),
+              "clients": args.new_films, "conf": conf, "answered": len(ok),
+              "statuses": {str(s): sum(a["status"] == s for a in answers) for s in {a["status"] for a in answers}},
+              "latency": summary(ok), "first_answer_s": round(arrivals[0], 1) if arrivals else None,
+              "last_answer_s": round(arrivals[-1], 1) if arrivals else None,
+              "answers_in_first_half": sum(a < arrivals[-1] / 2 for a in arrivals) if arrivals else 0,
+              "info_polls": len(info), "info_max_s": max((i["s"] for i in info), default=None),
+              "info_queue_max": max((i["queue"] or 0 for i in info), default=None), "answers": answers}
+    print(json.dumps({k: v for k, v in result.items() if k not in ("answers", "machine")}, indent=1))
+    if not ok:
+        print(log_tail)
+    write_json(args.out, result)
+    shutil.rmtree(tmp, ignore_errors=True)
+    return 0
 
 
 if __name__ == "__main__":

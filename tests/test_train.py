@@ -878,6 +878,10 @@ def test_training_continues_from_an_adapter_with_its_weights_and_its_split(setup
         state = load_file(str(source / name))
         save_file({k: v + 0.01 * torch.randn(v.shape, generator=noise) if v.is_floating_point() else v
                    for k, v in state.items()}, str(source / name))
+    from xray_textseg.adapters import checksums
+
+    meta = json.loads((source / "metadata.json").read_text())  # changed on purpose: its checksums say so
+    (source / "metadata.json").write_text(json.dumps({**meta, "checksums": checksums(source)}))
     saved = load_file(str(source / "adapter_model.safetensors"))
     adapter = load_adapter(source)
     trainer = Trainer(setup["backbone"], setup["encoder"], ("heart",),

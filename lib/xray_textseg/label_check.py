@@ -24,6 +24,7 @@ from .vocabulary import companion_labels
 AGREE = 0.5  # Dice with the model's answer below which a structure disagrees (borderline when unexplained)
 CONTRADICT = 0.3  # as-saved Dice below which another reading that agrees (>= EXPLAINED) is a contradiction
 EXPLAINED = 0.6
+JUDGEABLE = 0.5  # largest part of the model's answer that may lie on pixels the label leaves unknown
 
 READINGS = {
     "turned 180 degrees": lambda m: m[::-1, ::-1],
@@ -60,6 +61,12 @@ def check_label(predictor, image, masks: dict[str, np.ndarray], unknown: dict[st
         return LabelCheck()
     around = [lab for lab in companion_labels(asked, predictor.labels) if lab in learnt]
     answer = {r.label: r.mask for r in predictor.predict(list(dict.fromkeys(asked + around)), image=image).results}
+    # a structure most of whose answer lies where the label cannot say (a clavicle under a lung painted over it)
+    # leaves too little to judge
+    asked = [lab for lab in asked if lab not in unknown
+             or (answer[lab] & unknown[lab]).sum() <= JUDGEABLE * max(1, answer[lab].sum())]
+    if not asked:
+        return LabelCheck()
     result = LabelCheck({lab: dice(masks[lab], answer[lab], ignore=unknown.get(lab)) for lab in asked})
     as_saved = float(np.mean(list(result.agreement.values())))
     if as_saved < CONTRADICT:

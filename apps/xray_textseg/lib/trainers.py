@@ -206,13 +206,12 @@ class AdapterTrainer(TrainTask):
             return version
         return None
 
-    def _gate_items(self, gate: dict, datastore: Datastore, train_items: list[TrainItem]) -> list[TrainItem]:
-        """The gate set's films: its datastore films that still have a final label (none the candidate trained on)
-        and its synthetic films."""
-        trained = {it.name for it in train_items}
-        films = set(gate.get("films", [])) - trained
-        found = [it for it in datastore_items(datastore, self.labels, only=films)] if films else []
-        return found + synthetic_items(gate)
+    def _gate_items(self, gate: dict, datastore: Datastore, train_items: list[TrainItem]) -> dict[str, list]:
+        """The gate set's films: {"gate": its datastore films that still have a final label (none the candidate
+        trained on), "synthetic": its synthetic films}."""
+        films = set(gate.get("films", [])) - {it.name for it in train_items}
+        return {"gate": datastore_items(datastore, self.labels, only=films) if films else [],
+                "synthetic": synthetic_items(gate)}
 
     def _gate(self, name: str, meta: dict, val_items: list[TrainItem], train_items: list[TrainItem],
               datastore: Datastore) -> Verdict:
@@ -223,16 +222,17 @@ class AdapterTrainer(TrainTask):
         if current is None:
             predictor.unload_adapter()
             return judge({"new": meta["validation"]["dice"]}, None, name, None)
-        gate_items = self._gate_items(gate_of(self.store.metadata(current)), datastore, train_items)
+        sets = self._gate_items(gate_of(self.store.metadata(current)), datastore, train_items)
         try:
             cur = {"new": validate(predictor, val_items, tuple(meta["labels"]))["dice"] if val_items else {},
-                   "gate": validate(predictor, gate_items, self.labels)["dice"]}
+                   **{k: validate(predictor, v, self.labels)["dice"] for k, v in sets.items() if v}}
             predictor.load_adapter(self.store.path(name))
-            cand = {"new": meta["validation"]["dice"], "gate": validate(predictor, gate_items, self.labels)["dice"]}
+            cand = {"new": meta["validation"]["dice"],
+                    **{k: validate(predictor, v, self.labels)["dice"] for k, v in sets.items() if v}}
         finally:
             predictor.unload_adapter()
-        logger.info("gate for %s: %d new validation films, %d gate films of %s", name, len(val_items),
-                    len(gate_items), current)
+        logger.info("gate for %s: %d new validation films, %d gate films and %d synthetic films of %s", name,
+                    len(val_items), len(sets["gate"]), len(sets["synthetic"]), current)
         return judge(cand, cur, name, current)
 
     def __call__(self, request: dict[str, Any], datastore: Datastore) -> dict[str, Any]:
