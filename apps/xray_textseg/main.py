@@ -102,11 +102,12 @@ class XrayTextSegApp(MONAILabelApp):
             raise HTTPException(status_code=422, detail="label refused: " + "; ".join(check.contradictions)
                                 + '. If it is right as it is, save it with "force": true in params (it is then kept '
                                   "but left out of training until a person confirms it)")
-        if check.agreement:
-            logger.info("label check: agreement with the served model %s%s", check.agreement,
-                        f"; held for review: {check.info(force).get('reasons')}" if check.info(force)["status"]
-                        == "held" else "")
-        return check.info(force) if check.agreement else {}
+        if not check.agreement:
+            return {}
+        kept = check.info(force)
+        logger.info("label check: agreement with the served model %s%s", kept["agreement"],
+                    f"; held out of training until confirmed: {kept['reasons']}" if kept["status"] == "held" else "")
+        return kept
 
     def _check_train_params(self, task: str, params: dict) -> None:
         """A train request's parameters, checked as the run will read them (ValueError naming the bad one)."""
